@@ -1,0 +1,55 @@
+"""ZMQ addresses (DESIGN.md §1) and socket construction with explicit options, in one place."""
+from __future__ import annotations
+
+import os
+
+import zmq
+
+from core_buffer.config import DetectorConfig
+
+# Lingers: PUSH streams get time to hand over what is queued on a clean stop; PUB/SUB never wait.
+PUSH_LINGER_MS = 2000
+DEFAULT_LINGER_MS = 0
+
+
+def _ipc(config: DetectorConfig, suffix: str) -> str:
+    return f"ipc://{os.path.join(config.ipc_dir, f'{config.namespace}-{config.detector_name}-{suffix}')}"
+
+
+def module_frames_address(config: DetectorConfig, module_id: int) -> str:
+    """std_udp_recv (PUSH, bind) -> std_assembler (PULL, connect): ModuleFrame per finished frame."""
+    return _ipc(config, f"frames-{module_id}")
+
+
+def image_metadata_address(config: DetectorConfig) -> str:
+    """std_assembler or std_stream_recv (PUB, bind) -> consumers (SUB): ImageMetadata per image."""
+    return _ipc(config, "assembler")
+
+
+def store_stream_address(config: DetectorConfig) -> str:
+    """writer_agent (PUSH, bind) -> std_h5_writer (PULL, connect): StoreStream."""
+    return _ipc(config, "writer_agent")
+
+
+def writer_status_address(config: DetectorConfig) -> str:
+    """std_h5_writer (PUSH, bind) -> writer_agent (PULL, connect): JSON writer status."""
+    return _ipc(config, "writer_status")
+
+
+def ipc_path(address: str) -> str | None:
+    """The file behind an ipc:// address (None for other transports)."""
+    return address[len("ipc://"):] if address.startswith("ipc://") else None
+
+
+def make_socket(context: zmq.Context, kind: int, *, hwm: int, linger_ms: int | None = None,
+                subscribe: bytes | None = None) -> zmq.Socket:
+    """A socket with HWM and linger always set explicitly (SUB sockets also get their subscription)."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if linger_ms is None:
+        linger_ms = PUSH_LINGER_MS if kind == zmq.PUSH else DEFAULT_LINGER_MS
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe if subscribe is not None else b"")
+    return sock

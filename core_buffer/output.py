@@ -1,0 +1,47 @@
+"""Where output files may go (DESIGN.md §6): only inside the configured `output_dirs`, after resolving
+`..` and symlinks. Used by writer_agent (to refuse a request early) and std_h5_writer (to refuse it for
+good, right before creating the file)."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from core_buffer.errors import StdDaqError
+
+
+class OutputPathError(StdDaqError):
+    """An output_file that must not or cannot be written; the message says why, for the person asking."""
+
+
+def resolve_output_path(output_file: object, output_dirs: Iterable[str], overwrite: bool = False) -> str:
+    """The real path the file will be created at, or OutputPathError naming the problem.
+
+    Checks, in this order: a non-empty absolute path without NUL bytes; its directory, with `..` and
+    symlinks resolved, inside one of `output_dirs` (also resolved); that directory exists; no file, and
+    never a symlink, at the path unless `overwrite` (a symlink is refused even then)."""
+    if not isinstance(output_file, str) or not output_file:
+        raise OutputPathError(f"output_file must be a non-empty string, got {output_file!r}")
+    if "\x00" in output_file:
+        raise OutputPathError("output_file contains a NUL byte")
+    if not os.path.isabs(output_file):
+        raise OutputPathError(f"output_file must be an absolute path, got {output_file!r}")
+    directory, name = os.path.split(output_file)
+    if name in ("", ".", ".."):
+        raise OutputPathError(f"output_file {output_file!r} names a directory, not a file")
+    allowed = [os.path.realpath(d) for d in output_dirs]
+    if not allowed:
+        raise OutputPathError("no output directories are configured (config key 'output_dirs'); "
+                              "this detector cannot write files")
+    real_dir = os.path.realpath(directory)
+    if not any(os.path.commonpath([real_dir, root]) == root for root in allowed):
+        raise OutputPathError(f"output_file {output_file!r} is outside the allowed directories "
+                              f"({', '.join(allowed)})")
+    if not os.path.isdir(real_dir):
+        raise OutputPathError(f"the directory of output_file {output_file!r} does not exist")
+    path = os.path.join(real_dir, name)
+    if os.path.islink(path):
+        raise OutputPathError(f"output_file {output_file!r} is a symbolic link; refusing to write through it")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputPathError(f"output_file {output_file!r} already exists (overwriting is off: "
+                              "config key 'overwrite_files')")
+    return path

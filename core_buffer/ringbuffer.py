@@ -1,0 +1,344 @@
+"""Shared-memory ring buffers (DESIGN.md §3): FrameBuffer (one slot per image id, all modules) and
+ImageBuffer (one slot per image id, the assembled image).
+
+Segment layout:
+
+    offset 0          header page: magic, layout version, n_slots, n_modules, meta bytes, data bytes
+    PAGE + k*slot     slot k: n_modules metas, padded to a page, then n_modules data blocks, contiguous
+
+so the data of a slot is the modules' frames stacked in module order, page-aligned: a zero-copy raw
+image. The slot of an id is `id % n_slots`.
+
+Overwrite detection is a per-slot sequence check. A writer sets the meta's id to INVALID_ID before it
+writes data and stores the real id last; a reader checks the id before and after it reads. Stores from
+one Python thread reach other cores in program order on x86-64 (TSO); the project documents that it runs
+on x86-64.
+
+Segments are created with O_EXCL by whichever process comes first and attached by everyone else; the
+creator writes the magic last, so an attacher that finds a segment still being initialised waits for it.
+Nobody unlinks a segment on exit except the launcher, the tests and `std-daq buffers rm`.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import posix_ipc
+
+from core_buffer.config import DetectorConfig
+from core_buffer.errors import BufferLayoutError, BufferMissingError, ImageLostError, RingBufferError
+from core_buffer.formats import INVALID_ID, ImageMetadata, ModuleFrame
+
+PAGE = mmap.PAGESIZE
+MAGIC = b"STDDAQRB"
+LAYOUT_VERSION = 1
+_HEADER = struct.Struct("<8sIIIIQQQ")  # magic, version, n_slots, n_modules, meta_bytes, data_bytes,
+#                                        slot_bytes, first_slot_offset
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; faults in every page in one call
+SHM_DIR = "/dev/shm"
+ATTACH_WAIT_S = 5.0
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    n_slots: int
+    n_modules: int
+    meta_bytes: int
+    data_bytes: int  # per module
+
+    @property
+    def meta_area_bytes(self) -> int:
+        return _round_up(self.n_modules * self.meta_bytes, PAGE)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.meta_area_bytes + _round_up(self.n_modules * self.data_bytes, PAGE)
+
+    @property
+    def total_bytes(self) -> int:
+        return PAGE + self.n_slots * self.slot_bytes
+
+    def header(self) -> bytes:
+        return _HEADER.pack(MAGIC, LAYOUT_VERSION, self.n_slots, self.n_modules, self.meta_bytes,
+                            self.data_bytes, self.slot_bytes, PAGE)
+
+    def describe(self) -> str:
+        return (f"{self.n_slots} slots x {self.n_modules} modules, {self.meta_bytes} B meta + "
+                f"{self.data_bytes} B data per module")
+
+
+def read_header(data: bytes | memoryview) -> tuple[BufferLayout, int] | None:
+    """The layout and layout version a segment header describes, or None if it has no valid magic."""
+    magic, version, n_slots, n_modules, meta_bytes, data_bytes, _, _ = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        return None
+    return BufferLayout(n_slots, n_modules, meta_bytes, data_bytes), version
+
+
+def shm_name(config: DetectorConfig, kind: str) -> str:
+    """Segment name without the leading slash, e.g. std-daq-JF01-frames."""
+    return f"{config.namespace}-{config.detector_name}-{kind}"
+
+
+class RingBuffer:
+    """A shared-memory segment of `n_slots` slots; subclasses give the slots their meta dtype."""
+
+    META_DTYPE: ClassVar[np.dtype]
+
+    def __init__(self, name: str, layout: BufferLayout, *, create: bool = True, mode: int = 0o660) -> None:
+        if layout.meta_bytes != self.META_DTYPE.itemsize:
+            raise ValueError(f"{type(self).__name__} metas are {self.META_DTYPE.itemsize} B, "
+                             f"layout says {layout.meta_bytes}")
+        self.name = name
+        self.layout = layout
+        self.created = False
+        shm = self._open(create, mode)
+        try:
+            self._mmap = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        if self.created:
+            self._initialise()
+        else:
+            self._check_layout()
+            self._map_pages()
+        self._array = np.frombuffer(self._mmap, dtype=np.uint8)
+        n, slot = layout.n_slots, layout.slot_bytes
+        slots = self._array[PAGE:PAGE + n * slot].reshape(n, slot)
+        meta_bytes = layout.n_modules * layout.meta_bytes
+        # One structured view over all metas and one over all data: per-slot access is then indexing.
+        self._metas = slots[:, :meta_bytes].view(self.META_DTYPE)  # shape (n_slots, n_modules)
+        self._data = slots[:, layout.meta_area_bytes:layout.meta_area_bytes + layout.n_modules *
+                           layout.data_bytes]  # shape (n_slots, n_modules * data_bytes)
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _open(self, create: bool, mode: int) -> posix_ipc.SharedMemory:
+        path = "/" + self.name
+        if create:
+            try:
+                self._check_free_space()
+                shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=mode, size=self.layout.total_bytes)
+                os.fchmod(shm.fd, mode)  # the umask must not widen or narrow what the config asks for
+                self.created = True
+                return shm
+            except posix_ipc.ExistentialError:
+                pass  # somebody else created it: attach below
+        deadline = time.monotonic() + ATTACH_WAIT_S
+        while True:
+            try:
+                shm = posix_ipc.SharedMemory(path)
+            except posix_ipc.ExistentialError:
+                if create and time.monotonic() < deadline:  # removed between our two calls: retry
+                    return self._open(create, mode)
+                raise BufferMissingError(f"shared-memory segment {self.name} does not exist") from None
+            except posix_ipc.PermissionsError as exc:
+                raise RingBufferError(f"no permission to open shared-memory segment {self.name}: "
+                                      f"{exc}") from None
+            if shm.size >= PAGE and self._magic_present(shm):
+                return shm
+            shm.close_fd()
+            if time.monotonic() > deadline:
+                raise BufferLayoutError(
+                    f"shared-memory segment {self.name} exists but was never initialised (its creator "
+                    f"died?); remove it with: std-daq buffers rm {self.name}")
+            time.sleep(0.01)
+
+    @staticmethod
+    def _magic_present(shm: posix_ipc.SharedMemory) -> bool:
+        with mmap.mmap(shm.fd, PAGE, prot=mmap.PROT_READ) as head:
+            return head[:len(MAGIC)] == MAGIC
+
+    def _check_free_space(self) -> None:
+        try:
+            stat = os.statvfs(SHM_DIR)
+        except OSError:
+            return
+        free = stat.f_bavail * stat.f_frsize
+        if self.layout.total_bytes > free:
+            raise RingBufferError(
+                f"shared-memory segment {self.name} needs {self.layout.total_bytes / 2**20:.0f} MiB but "
+                f"{SHM_DIR} has {free / 2**20:.0f} MiB free; lower the buffer slots in the config or "
+                f"enlarge {SHM_DIR}")
+
+    def _initialise(self) -> None:
+        # Fault in every page now: the first write into fresh shared memory is page-fault bound
+        # (~0.2-0.6 GB/s against >10 GB/s afterwards), which the hot paths must never pay.
+        try:
+            self._mmap.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError, AttributeError):
+            view = np.frombuffer(self._mmap, dtype=np.uint8)
+            view[::PAGE] = 0
+            del view
+        metas = np.frombuffer(self._mmap, dtype=np.uint8)
+        slots = metas[PAGE:].reshape(self.layout.n_slots, self.layout.slot_bytes)
+        slots[:, :self.layout.n_modules * self.layout.meta_bytes].view(self.META_DTYPE)["id"] = INVALID_ID
+        del metas, slots
+        self._mmap[len(MAGIC):_HEADER.size] = self.layout.header()[len(MAGIC):]
+        self._mmap[:len(MAGIC)] = MAGIC  # last: attachers wait for it
+
+    def _map_pages(self) -> None:
+        # An attaching process has the pages in memory but not in its page tables: fill them now, or its
+        # first pass over the ring pays a page fault per 4 KiB (measured: a writer reading from a freshly
+        # attached ring ran at a third of its speed).
+        try:
+            self._mmap.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _check_layout(self) -> None:
+        found = read_header(self._mmap[:_HEADER.size])
+        if found is None:
+            raise BufferLayoutError(f"shared-memory segment {self.name} has no std-daq header")
+        layout, version = found
+        if version != LAYOUT_VERSION or layout != self.layout or len(self._mmap) < layout.total_bytes:
+            self._mmap.close()
+            raise BufferLayoutError(
+                f"shared-memory segment {self.name} has layout [{layout.describe()}, version {version}] "
+                f"but this process expects [{self.layout.describe()}, version {LAYOUT_VERSION}]; stop the "
+                f"services using it and remove it (std-daq buffers rm {self.name}) or fix the config")
+
+    # -- access ----------------------------------------------------------------------------------
+    def slot_of(self, image_id: int) -> int:
+        return image_id % self.layout.n_slots
+
+    def metas(self, slot: int) -> np.ndarray:
+        """Structured view of the metas of one slot, shape (n_modules,)."""
+        return self._metas[slot]
+
+    def slot_data(self, slot: int) -> np.ndarray:
+        """uint8 view of the whole data of a slot (all modules, stacked)."""
+        return self._data[slot]
+
+    def module_data(self, slot: int, module: int) -> np.ndarray:
+        size = self.layout.data_bytes
+        return self._data[slot, module * size:(module + 1) * size]
+
+    def slot_id(self, slot: int, module: int = 0) -> int:
+        return int(self._metas[slot, module]["id"])
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap. Views handed out keep the mapping alive until they are gone."""
+        self._metas = self._data = self._array = None  # type: ignore[assignment]
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when it does
+
+    def unlink(self) -> None:
+        unlink(self.name)
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment by name; False if it did not exist."""
+    try:
+        posix_ipc.unlink_shared_memory("/" + name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+class FrameBuffer(RingBuffer):
+    """Frames of all modules per image id; written by std_udp_recv, read by std_assembler."""
+
+    META_DTYPE = ModuleFrame.DTYPE
+
+    @classmethod
+    def for_config(cls, config: DetectorConfig, *, create: bool = True) -> FrameBuffer:
+        layout = BufferLayout(config.frame_buffer_slots, config.n_modules, ModuleFrame.SIZE,
+                              config.stream.frame_bytes)
+        return cls(shm_name(config, "frames"), layout, create=create, mode=config.shm_mode)
+
+    def begin_frame(self, image_id: int, module: int) -> np.ndarray:
+        """Mark the module's meta in the slot of `image_id` as being written; return its data view."""
+        slot = self.slot_of(image_id)
+        self._metas[slot, module]["id"] = INVALID_ID
+        return self.module_data(slot, module)
+
+    def commit_frame(self, frame: ModuleFrame) -> None:
+        """Store the meta of a written frame, the id last (readers check it)."""
+        meta = self._metas[self.slot_of(frame.id), frame.module_id]
+        for name in ModuleFrame.DTYPE.names[1:]:
+            meta[name] = getattr(frame, name)
+        meta["id"] = frame.id
+
+    def read_frame_meta(self, image_id: int, module: int) -> ModuleFrame:
+        """The meta of a module's frame of `image_id`; ImageLostError if the slot holds another id."""
+        meta = self._metas[self.slot_of(image_id), module]
+        frame = ModuleFrame.from_record(meta)
+        if frame.id != image_id:
+            raise ImageLostError(image_id, frame.id)
+        return frame
+
+    def frame_data(self, image_id: int, module: int) -> np.ndarray:
+        """uint8 view of a module's frame data in the slot of `image_id` (no id check: see read_frame_meta
+        before and `still_holds` after reading)."""
+        return self.module_data(self.slot_of(image_id), module)
+
+    def still_holds(self, image_id: int, module: int) -> bool:
+        return self.slot_id(self.slot_of(image_id), module) == image_id
+
+
+class ImageBuffer(RingBuffer):
+    """Assembled images per image id; written by std_assembler or std_stream_recv, read by the writer."""
+
+    META_DTYPE = ImageMetadata.DTYPE
+
+    @classmethod
+    def for_config(cls, config: DetectorConfig, *, create: bool = True) -> ImageBuffer:
+        layout = BufferLayout(config.image_buffer_slots, 1, ImageMetadata.SIZE, config.image_bytes)
+        return cls(shm_name(config, "images"), layout, create=create, mode=config.shm_mode)
+
+    def begin_image(self, image_id: int) -> np.ndarray:
+        """Mark the slot of `image_id` as being written; return its uint8 data view."""
+        slot = self.slot_of(image_id)
+        self._metas[slot, 0]["id"] = INVALID_ID
+        return self._data[slot]
+
+    def image_view(self, image_id: int, dtype: np.dtype | str, shape: tuple[int, int]) -> np.ndarray:
+        """Typed zero-copy view of the slot of `image_id` (no id check)."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self._data[self.slot_of(image_id), :n].view(dtype).reshape(shape)
+
+    def commit_image(self, meta: ImageMetadata) -> None:
+        record = self._metas[self.slot_of(meta.id), 0]
+        for name in ImageMetadata.DTYPE.names:
+            if name != "id":
+                record[name] = getattr(meta, name)
+        record["id"] = meta.id
+
+    def read_meta(self, image_id: int) -> ImageMetadata:
+        """The metadata stored with `image_id`; ImageLostError if its slot holds another id."""
+        record = self._metas[self.slot_of(image_id), 0]
+        meta = ImageMetadata.from_record(record)
+        if meta.id != image_id:
+            raise ImageLostError(image_id, meta.id)
+        return meta
+
+    def still_holds(self, image_id: int) -> bool:
+        return self.slot_id(self.slot_of(image_id)) == image_id
+
+    def copy_image(self, image_id: int, out: np.ndarray) -> ImageMetadata:
+        """Copy the image of `image_id` into `out` (raw bytes); ImageLostError if it was not there or
+        was overwritten while being copied, in which case `out` must not be used."""
+        meta = self.read_meta(image_id)
+        n = out.nbytes
+        np.copyto(out.reshape(-1).view(np.uint8), self._data[self.slot_of(image_id), :n])
+        if not self.still_holds(image_id):
+            raise ImageLostError(image_id, self.slot_id(self.slot_of(image_id)))
+        return meta

@@ -1,0 +1,192 @@
+"""std_assembler: module frames from the FrameBuffer -> images in the ImageBuffer + ImageMetadata stream.
+
+PULLs the ModuleFrame stream of every module, lets the Synchronizer decide which images are ready, and
+for each: places (Jungfrau raw, Eiger, Gigafrost) or converts (Jungfrau converted) every module's frame
+into the image's ImageBuffer slot, zeroes the area of missing modules, applies background and flat-field
+corrections, commits the metadata and PUBlishes it with the sequence number in user_1.
+
+Status, the most serious first: 3 missing module (including a frame overwritten in the FrameBuffer
+before it could be read), 2 modules disagree on frame index or pulse id, 1 lost packets, 0 good.
+With `assembler.drop_incomplete`, images with missing modules are counted and not published.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping
+
+import zmq
+
+from core_buffer.config import DetectorConfig
+from core_buffer.errors import FormatError
+from core_buffer.formats import Dtype, ImageMetadata, ImageStatus, ModuleFrame
+from core_buffer.ipc import image_metadata_address, make_socket, module_frames_address
+from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
+from core_buffer.service import Counters
+from std_assembler.convert import Corrections, JungfrauConverter
+from std_assembler.geometry import Placer
+from std_assembler.sync import ReadyImage, Synchronizer
+
+log = logging.getLogger("std_assembler")
+
+PULL_HWM = 100000
+PUB_HWM = 10000
+DRAIN_PER_SOCKET = 256
+
+
+class AssemblerSettings:
+    """The "assembler" config section."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        section = config.section("assembler")
+        self.sync_timeout_s = section.float("sync_timeout_s", 0.5, min=0.001, max=600.0)
+        self.drop_incomplete = section.bool("drop_incomplete", False)
+        self.max_pending = section.int("max_pending", max(1, config.frame_buffer_slots // 2), min=1)
+        self.conversion_threads = section.int("conversion_threads", 1, min=1, max=64)
+        section.finish()
+
+
+class Assembler:
+    name = "std_assembler"
+    rate_counters = ("images", "frames")
+
+    def __init__(self, config: DetectorConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.settings = AssemblerSettings(config)
+        self.placer = Placer(config)
+        self.converter = None
+        if config.detector_type == "jungfrau" and config.conversion == "converted":
+            self.converter = JungfrauConverter(config, self.settings.conversion_threads)
+            log.info("Jungfrau conversion from %s (%s path)", config.calibration_file, self.converter.path)
+        self.corrections = Corrections(config)
+        self.dtype = config.image_dtype
+        self.dtype_code = int(Dtype.from_numpy(self.dtype))
+        self.shape = config.image_shape
+        self.n_packets = config.stream.packets_per_frame
+        self.frames = FrameBuffer.for_config(config)
+        self.images = ImageBuffer.for_config(config)
+        self.sync = Synchronizer(config.n_modules, self.settings.sync_timeout_s, self.settings.max_pending)
+        self.counters = Counters("frames", "images", "images_good", "images_missing_packets", "images_mismatch",
+                                 "images_missing_module", "images_dropped", "frames_overwritten", "late_frames",
+                                 "id_jumps_back", "nan_pixels", "bad_messages", "last_image_id", "sequence")
+        self.context = context or zmq.Context.instance()
+        self.pulls = []
+        self.module_of: dict[zmq.Socket, int] = {}
+        self.poller = zmq.Poller()
+        for m in range(config.n_modules):
+            pull = make_socket(self.context, zmq.PULL, hwm=PULL_HWM)
+            pull.connect(module_frames_address(config, m))
+            self.poller.register(pull, zmq.POLLIN)
+            self.pulls.append(pull)
+            self.module_of[pull] = m
+        self.pub = make_socket(self.context, zmq.PUB, hwm=PUB_HWM)
+        self.pub.bind(image_metadata_address(config))
+        self.sequence = 0
+        log.info("assembling %d modules of %s into %s images %s, metadata on %s", config.n_modules,
+                 config.detector_type, self.dtype, self.shape, image_metadata_address(config))
+
+    # --- the hot path -------------------------------------------------------------------------------
+
+    def poll(self, timeout_s: float) -> None:
+        events = self.poller.poll(timeout_s * 1000 if not self.sync.pending else min(timeout_s, 0.01) * 1000)
+        now = time.monotonic()
+        for sock, _ in events:
+            for _ in range(DRAIN_PER_SOCKET):
+                try:
+                    message = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(sock, message, now)
+        for ready in self.sync.expire(time.monotonic()):
+            self._assemble(ready)
+
+    def _on_message(self, sock: zmq.Socket, message: bytes, now: float) -> None:
+        try:
+            frame = ModuleFrame.decode(message)
+        except FormatError:
+            self.counters.bad_messages += 1
+            return
+        if frame.module_id != self.module_of[sock]:
+            self.counters.bad_messages += 1
+            return
+        self.counters.frames += 1
+        for ready in self.sync.add(frame, now):
+            self._assemble(ready)
+
+    def _assemble(self, ready: ReadyImage) -> None:
+        c = self.counters
+        c.late_frames, c.id_jumps_back = self.sync.late_frames, self.sync.id_jumps_back
+        image_id = ready.image_id
+        missing = list(ready.missing)
+        if missing and self.settings.drop_incomplete:
+            c.images_dropped += 1
+            return
+        image = self.images.begin_image(image_id)[:self.config.image_bytes].view(self.dtype).reshape(self.shape)
+        lost_packets = False
+        for m in range(self.config.n_modules):
+            frame = ready.frames.get(m)
+            if frame is None:
+                self.placer.zero(image, m)
+                continue
+            if not self.frames.still_holds(image_id, m):
+                c.frames_overwritten += 1
+                missing.append(m)
+                self.placer.zero(image, m)
+                continue
+            data = self.frames.frame_data(image_id, m)
+            if self.converter is not None:
+                c.nan_pixels += self.converter.convert(m, self.placer.frame_pixels(data), self.placer.target(image, m))
+            else:
+                self.placer.place(image, m, data)
+            if not self.frames.still_holds(image_id, m):  # overwritten while we read it
+                c.frames_overwritten += 1
+                missing.append(m)
+                self.placer.zero(image, m)
+                continue
+            lost_packets |= frame.n_recv_packets < frame.n_packets
+        present = [f for m, f in ready.frames.items() if m not in missing]
+        mismatch = len({(f.frame_index, f.pulse_id) for f in present}) > 1
+        if missing:
+            status = ImageStatus.MISSING_MODULE
+            c.images_missing_module += 1
+        elif mismatch:
+            status = ImageStatus.ID_MISMATCH
+            c.images_mismatch += 1
+        elif lost_packets:
+            status = ImageStatus.MISSING_PACKETS
+            c.images_missing_packets += 1
+        else:
+            status = ImageStatus.GOOD
+            c.images_good += 1
+        if self.corrections.active:
+            self.corrections.apply(image)
+        frame_index = present[0].frame_index if present else 0
+        meta = ImageMetadata(image_id, self.shape[0], self.shape[1], self.dtype_code, status=int(status),
+                             user_1=self.sequence, user_2=frame_index)
+        self.images.commit_image(meta)
+        try:
+            self.pub.send(meta.encode(), zmq.NOBLOCK)
+        except zmq.Again:  # PUB drops by itself; kept for clarity
+            pass
+        self.sequence += 1
+        c.images += 1
+        c.sequence = self.sequence
+        c.last_image_id = image_id
+
+    # --- Service --------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        # Frames already queued were finished by the receivers: take them, then release what waits.
+        self.poll(0)
+        for ready in self.sync.expire(float("inf")):
+            self._assemble(ready)
+
+    def close(self) -> None:
+        for pull in self.pulls:
+            pull.close()
+        self.pub.close(linger=0)
+        self.frames.close()
+        self.images.close()
+
+    def stats(self) -> Mapping[str, int]:
+        return self.counters.snapshot()

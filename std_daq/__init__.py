@@ -1,0 +1,1 @@
+"""std_daq: the operator's command line (`std-daq`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from std_daq.cli import main
+
+sys.exit(main())

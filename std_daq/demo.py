@@ -1,0 +1,231 @@
+"""`std-daq demo`: the README's main job, a whole local pipeline on the bundled 2-module Jungfrau config.
+
+It writes a runtime copy of the config (output directory, metrics ports) into the demo directory, starts
+every service with the launcher (their logs go to `services.log` there), sends simulated detector data
+with std_udp_sim, asks for a write of N images over RabbitMQ (or, with no broker, straight to
+std_h5_writer, and says so), shows the progress, then stops everything and prints a summary: images
+received and written, packets lost, rates, and the file, which it re-opens and checks pixel by pixel
+against the simulator's pattern.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from core_buffer.config import DetectorConfig, load_config
+from core_buffer.pattern import frame_pattern
+from std_daq import status as status_module
+from std_daq.launcher import Launcher, console_script, pipeline_services, remove_buffers
+
+DEFAULT_IMAGES = 200
+DEFAULT_RATE_HZ = 100.0
+METRICS_BASE_PORT = 9300
+READY_TIMEOUT_S = 30.0
+
+
+def bundled_config_path() -> str:
+    return str(resources.files("core_buffer") / "configs" / "demo_jungfrau_2m.json")
+
+
+def demo_config(workdir: Path) -> tuple[str, DetectorConfig]:
+    """The bundled config, with the demo directory as the only output directory and metrics on."""
+    raw = json.loads(Path(bundled_config_path()).read_text())
+    raw["output_dirs"] = [str(workdir)]
+    raw.setdefault("metrics", {"host": "127.0.0.1", "base_port": METRICS_BASE_PORT})
+    path = workdir / "demo-config.json"
+    path.write_text(json.dumps(raw, indent=2) + "\n")
+    return str(path), load_config(path)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+class ProgressBar:
+    def __init__(self, total: int, width: int = 40) -> None:
+        self.total, self.width, self.last = total, width, -1
+
+    def __call__(self, done: int, _total: int | None = None) -> None:
+        if done == self.last:
+            return
+        self.last = done
+        filled = self.width * min(done, self.total) // max(self.total, 1)
+        end = "\n" if done >= self.total else ""
+        sys.stdout.write(f"\r  writing [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total}{end}")
+        sys.stdout.flush()
+
+
+def wait_until_ready(config: DetectorConfig, launcher: Launcher, timeout_s: float = READY_TIMEOUT_S) -> list[str]:
+    """Wait until every service answers on its metrics endpoint; returns the labels still down."""
+    deadline = time.monotonic() + timeout_s
+    down: list[str] = []
+    while time.monotonic() < deadline:
+        down = [m.label for m in status_module.scrape(config) if m.values is None]
+        if not down:
+            return []
+        time.sleep(0.3)
+    return down
+
+
+def broker_reachable() -> tuple[bool, str]:
+    from core_buffer.broker import broker_url, describe_url, reachable
+
+    url = broker_url()
+    return reachable(url), describe_url(url)
+
+
+@dataclass
+class WriteOutcome:
+    ok: bool
+    via: str
+    detail: str
+    n_written: int
+
+
+def write_via_broker(config: DetectorConfig, output_file: str, n_images: int) -> WriteOutcome:
+    from std_daq.requests_cli import send_write_and_wait
+
+    bar = ProgressBar(n_images)
+    result = send_write_and_wait(config.detector_name, output_file, n_images, progress=bar, timeout_s=120)
+    bar(n_images if result.ok else bar.last)
+    return WriteOutcome(result.ok, "RabbitMQ -> writer_agent -> std_h5_writer", result.message,
+                        result.n_written)
+
+
+def write_direct(config: DetectorConfig, output_file: str, n_images: int) -> WriteOutcome:
+    from std_daq.direct_write import DirectWriteError
+    from std_daq.direct_write import write_direct as send
+
+    bar = ProgressBar(n_images)
+    try:
+        final = send(config, output_file, n_images, progress=bar)
+    except DirectWriteError as exc:
+        say()
+        return WriteOutcome(False, "direct to std_h5_writer", str(exc), 0)
+    say()
+    ok = final.state.value == "finished"
+    return WriteOutcome(ok, "direct to std_h5_writer", final.error or "finished", final.n_written)
+
+
+def expected_image(config: DetectorConfig, image_id: int) -> np.ndarray:
+    """What the simulator's pattern becomes in a raw Jungfrau image with modules stacked in order."""
+    stream = config.stream
+    return np.vstack([frame_pattern(stream, m, image_id) for m in range(config.n_modules)])
+
+
+def check_file(config: DetectorConfig, output_file: str) -> tuple[int, int, str]:
+    """(images, images equal to the pattern, a note) of the written file."""
+    import h5py
+    import hdf5plugin  # noqa: F401 - registers the compression filters
+
+    with h5py.File(output_file, "r") as f:
+        data = f["entry/data/data"]
+        ids = f[f"{config.detector_name}/image_id"][:]
+        statuses = f[f"{config.detector_name}/status"][:]
+        good = 0
+        for i in range(data.shape[0]):
+            if np.array_equal(data[i], expected_image(config, int(ids[i]))):
+                good += 1
+        note = f"image ids {int(ids.min())}..{int(ids.max())}" if len(ids) else "no images"
+        note += f", {int((statuses != 0).sum())} with a non-zero status"
+        return int(data.shape[0]), good, note
+
+
+def _total(metrics: list[status_module.ServiceMetrics], label_prefix: str, name: str) -> float:
+    return sum((m.values or {}).get(name, 0) for m in metrics if m.label.startswith(label_prefix))
+
+
+def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
+             workdir: str | None = None) -> int:
+    root = Path(workdir or "std-daq-demo").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    config_path, config = demo_config(root)
+    say(f"std-daq demo: a {config.n_modules}-module Jungfrau ({config.image_pixel_height} x "
+        f"{config.image_pixel_width} px) simulated at {rate_hz:g} Hz on this machine")
+    has_broker, where = broker_reachable()
+    if has_broker:
+        say(f"  RabbitMQ at {where}: the write request goes through it, as from a beamline control system")
+    else:
+        say(f"  no RabbitMQ at {where}. Start one with:  bash scripts/ensure-broker.sh")
+        say("  Going on without it: the write goes straight to std_h5_writer (no writer_agent).")
+    specs = pipeline_services(config_path, config)
+    if not has_broker:
+        specs = [s for s in specs if s.label != "writer_agent"]
+    log_path = root / "services.log"
+    log_file = open(log_path, "w", buffering=1)
+    launcher = Launcher(specs, output=log_file)
+    launcher.cleanup = lambda: remove_buffers(config)
+    sim: subprocess.Popen | None = None
+    started = time.monotonic()
+    try:
+        say(f"  starting {len(specs)} services (logs: {log_path})")
+        launcher.start()
+        down = wait_until_ready(config, launcher)
+        if down:
+            say(f"  these services did not come up: {', '.join(down)}; see {log_path}")
+            return 1
+        say(f"  all services up after {time.monotonic() - started:.1f} s; starting std_udp_sim")
+        sim = subprocess.Popen([console_script("std_udp_sim"), config_path, "--rate", str(rate_hz),
+                                "--n-images", "forever"], stdout=log_file, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+        output_file = str(root / time.strftime("demo-%Y%m%d-%H%M%S.h5"))
+        say(f"  asking for {n_images} images in {output_file}")
+        write_started = time.monotonic()
+        if has_broker:
+            outcome = write_via_broker(config, output_file, n_images)
+        else:
+            outcome = write_direct(config, output_file, n_images)
+        write_s = time.monotonic() - write_started
+        metrics = status_module.scrape(config)
+    finally:
+        if sim is not None:
+            sim.terminate()
+            try:
+                sim.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
+        stopper = threading.Thread(target=launcher.stop)
+        stopper.start()
+        stopper.join()
+        log_file.close()
+    return summarise(config, outcome, output_file, metrics, write_s, n_images, log_path)
+
+
+def summarise(config: DetectorConfig, outcome: WriteOutcome, output_file: str,
+              metrics: list[status_module.ServiceMetrics], write_s: float, n_images: int,
+              log_path: Path) -> int:
+    say()
+    say("Summary")
+    say(f"  write path:        {outcome.via}")
+    frames = _total(metrics, "std_udp_recv", "frames")
+    lost = _total(metrics, "std_udp_recv", "lost_packets")
+    packets = _total(metrics, "std_udp_recv", "packets")
+    images = _total(metrics, "std_assembler", "images")
+    say(f"  frames received:   {frames:.0f} over {config.n_modules} modules, {lost:.0f} packets lost"
+        + (f" of {packets + lost:.0f}" if packets else ""))
+    say(f"  images assembled:  {images:.0f}")
+    if not outcome.ok:
+        say(f"  write FAILED:      {outcome.detail}")
+        say(f"  service logs:      {log_path}")
+        return 1
+    say(f"  images written:    {outcome.n_written} of {n_images} in {write_s:.1f} s "
+        f"({outcome.n_written / max(write_s, 1e-9):.0f} images/s, "
+        f"{outcome.n_written * config.image_bytes / max(write_s, 1e-9) / 1e6:.0f} MB/s)")
+    if not os.path.exists(output_file):
+        say(f"  the file {output_file} does not exist")
+        return 1
+    n, good, note = check_file(config, output_file)
+    say(f"  file:              {output_file} ({os.path.getsize(output_file) / 2**20:.0f} MiB)")
+    say(f"  re-opened:         {n} images, {good} equal to the simulator's pattern pixel for pixel ({note})")
+    say(f"  read it with:      python -c \"import h5py; print(h5py.File('{output_file}')['entry/data/data'])\"")
+    return 0 if good == n == n_images else 1

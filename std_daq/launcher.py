@@ -1,0 +1,203 @@
+"""`std-daq up CONFIG`: run every service of one detector as child processes.
+
+The launcher starts the services downstream first (writer, agent, stream sender, assembler, then the
+receivers), so nothing upstream produces before its consumer listens; it stops them in the opposite order
+(receivers first: stop intake, then let each stage drain), each with SIGTERM and a grace period before
+SIGKILL; and it removes the detector's shared-memory segments at the end.
+
+Children run in their own sessions, so a Ctrl-C in the terminal reaches only the launcher, which then
+stops them in order; and they get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG). A child that
+exits while the launcher is not stopping is restarted after a backoff that doubles from 1 s up to 30 s
+and resets once the child has run for 60 s.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+from core_buffer.config import DetectorConfig
+from core_buffer.ringbuffer import shm_name, unlink
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+STOP_GRACE_S = 15.0
+STAGE_SETTLE_S = 0.5  # pause between starting one stage and the next upstream one
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def console_script(name: str) -> str:
+    """The console script of the environment this launcher runs in (else the one on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"console script {name} not found (is std-daq installed?)")
+    return found
+
+
+@dataclass
+class ServiceSpec:
+    label: str  # unique name in logs, e.g. udp_recv-0
+    argv: list[str]
+    stop_rank: int  # lower ranks stop first
+
+
+@dataclass
+class _Child:
+    spec: ServiceSpec
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+
+def pipeline_services(config_path: str, config: DetectorConfig) -> list[ServiceSpec]:
+    """The services of a detector's pipeline, with their command lines."""
+    specs = [ServiceSpec(f"udp_recv-{m}", [console_script("std_udp_recv"), config_path, str(m)], 0)
+             for m in range(config.n_modules)]
+    specs.append(ServiceSpec("assembler", [console_script("std_assembler"), config_path], 1))
+    stream_to = config.sections.get("stream_send", {}).get("to")
+    if stream_to:
+        specs.append(ServiceSpec("stream_send", [console_script("std_stream_send"), config_path, "--to",
+                                                 stream_to], 2))
+    specs.append(ServiceSpec("writer_agent", [console_script("writer_agent"), config_path], 3))
+    specs.append(ServiceSpec("h5_writer", [console_script("std_h5_writer"), config_path], 4))
+    return specs
+
+
+class Launcher:
+    """Starts, watches, restarts and stops a set of services."""
+
+    def __init__(self, specs: list[ServiceSpec], output: IO[str] | None = None,
+                 cleanup: Callable[[], None] | None = None) -> None:
+        self.children = [_Child(spec, backoff_s=BACKOFF_START_S) for spec in specs]
+        self.output = output if output is not None else sys.stdout
+        self.cleanup = cleanup
+        self._output_lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def say(self, text: str) -> None:
+        with self._output_lock:
+            print(f"[std-daq up] {text}", file=self.output, flush=True)
+
+    def _pump(self, label: str, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._output_lock:
+                print(f"[{label}] {line}", file=self.output, flush=True)
+        stream.close()
+
+    def _spawn(self, child: _Child) -> None:
+        child.process = subprocess.Popen(child.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        child.pump = threading.Thread(target=self._pump, args=(child.spec.label, child.process.stdout),
+                                      daemon=True)
+        child.pump.start()
+
+    def start(self) -> None:
+        ranks = sorted({c.spec.stop_rank for c in self.children}, reverse=True)
+        for i, rank in enumerate(ranks):
+            if i:
+                time.sleep(STAGE_SETTLE_S)  # let the stage downstream bind its sockets first
+            for child in self.children:
+                if child.spec.stop_rank == rank:
+                    self._spawn(child)
+                    self.say(f"started {child.spec.label} (pid {child.process.pid})")
+
+    def watch_once(self) -> None:
+        """Restart children that died; call periodically while running."""
+        now = time.monotonic()
+        for child in self.children:
+            if self.stopping.is_set():
+                return
+            proc = child.process
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.restarts += 1
+                    self._spawn(child)
+                    self.say(f"restarted {child.spec.label} (pid {child.process.pid}, restart "
+                             f"{child.restarts})")
+                continue
+            if proc is None or proc.poll() is None:
+                if proc is not None and now - child.started_at > STABLE_AFTER_S:
+                    child.backoff_s = BACKOFF_START_S
+                continue
+            if child.pump is not None:
+                child.pump.join(timeout=1)
+            self.say(f"{child.spec.label} exited with code {proc.returncode}; restarting in "
+                     f"{child.backoff_s:.1f} s")
+            child.restart_at = now + child.backoff_s
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        """Stop every child, receivers first, then remove the shared memory."""
+        self.stopping.set()
+        for rank in sorted({c.spec.stop_rank for c in self.children}):
+            group = [c for c in self.children if c.spec.stop_rank == rank and c.process is not None
+                     and c.process.poll() is None]
+            for child in group:
+                child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for child in group:
+                try:
+                    child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.say(f"{child.spec.label} did not stop within {STOP_GRACE_S:.1f} s; killing it")
+                    child.process.kill()
+                    child.process.wait()
+                self.say(f"stopped {child.spec.label} (exit code {child.process.returncode})")
+        for child in self.children:
+            if child.pump is not None:
+                child.pump.join(timeout=2)
+        if self.cleanup is not None:
+            self.cleanup()
+
+    def run(self, stop: threading.Event, poll_s: float = 0.2) -> int:
+        self.start()
+        try:
+            while not stop.wait(poll_s):
+                self.watch_once()
+        finally:
+            self.stop()
+        return 0
+
+
+def remove_buffers(config: DetectorConfig) -> list[str]:
+    removed = [name for name in (shm_name(config, "frames"), shm_name(config, "images")) if unlink(name)]
+    return removed
+
+
+def run_up(config_path: str, config: DetectorConfig) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    launcher = Launcher(pipeline_services(os.path.abspath(config_path), config))
+    launcher.cleanup = lambda: launcher.say(
+        f"removed shared memory: {', '.join(remove_buffers(config)) or 'none left'}")
+    launcher.say(f"detector {config.detector_name}: {len(launcher.children)} services; Ctrl-C stops them")
+    return launcher.run(stop)

@@ -1,0 +1,147 @@
+"""`std-daq status CONFIG`: one screen of pipeline health, read from the services' Prometheus endpoints."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from core_buffer.config import DetectorConfig
+from core_buffer.metrics import metrics_endpoint
+
+SCRAPE_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    label: str  # e.g. std_udp_recv-0
+    url: str
+    values: dict[str, float] | None  # None: the endpoint did not answer
+    error: str = ""
+
+
+def service_endpoints(config: DetectorConfig) -> list[tuple[str, str, tuple[str, int]]]:
+    """(label, service, (host, port)) of every service that serves metrics for this config."""
+    out = []
+    for m in range(config.n_modules):
+        endpoint = metrics_endpoint(config, "std_udp_recv", m)
+        if endpoint:
+            out.append((f"std_udp_recv-{m}", "std_udp_recv", endpoint))
+    for service in ("std_assembler", "std_stream_send", "std_stream_recv", "writer_agent", "std_h5_writer"):
+        endpoint = metrics_endpoint(config, service)
+        if endpoint:
+            out.append((service, service, endpoint))
+    return out
+
+
+def scrape(config: DetectorConfig) -> list[ServiceMetrics]:
+    results = []
+    for label, service, (host, port) in service_endpoints(config):
+        url = f"http://{host}:{port}/metrics"
+        prefix = f"std_daq_{service}_"
+        try:
+            text = urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S).read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            results.append(ServiceMetrics(label, url, None, str(reason)))
+            continue
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith(prefix):
+                    values[sample.name[len(prefix):]] = sample.value
+        results.append(ServiceMetrics(label, url, values))
+    return results
+
+
+# Per service, the counters worth a place on the one screen, in display order; a counter a service does
+# not have is left out.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "std_udp_recv": ("frames", "incomplete_frames", "lost_packets", "duplicate_packets", "malformed_packets"),
+    "std_assembler": ("images", "images_incomplete", "images_missing_module", "images_mismatch",
+                      "images_dropped", "last_image_id"),
+    "std_stream_send": ("images_sent", "images_dropped", "images_lost"),
+    "std_stream_recv": ("images", "sequence_gaps"),
+    "writer_agent": ("requests", "requests_succeeded", "requests_failed", "sequence_gaps"),
+    "std_h5_writer": ("state", "images_written", "images_lost", "last_written_id", "files"),
+}
+RATE_COUNTERS = {"frames", "images", "images_sent", "images_written", "bytes"}
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    label: str
+    up: bool
+    fields: list[tuple[str, str]]
+    error: str = ""
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
+
+
+def summarise(first: list[ServiceMetrics], second: list[ServiceMetrics], interval_s: float) -> list[StatusLine]:
+    """One line per service from two scrapes `interval_s` apart (rates come from their difference)."""
+    before = {m.label: m.values for m in first}
+    lines = []
+    for m in second:
+        if m.values is None:
+            lines.append(StatusLine(m.label, False, [], m.error))
+            continue
+        service = m.label.split("-")[0] if m.label.startswith("std_udp_recv") else m.label
+        wanted = [name for name in HEADLINE.get(service, ()) if name in m.values]
+        fields = []
+        for name in wanted:
+            value = m.values[name]
+            text = _number(value)
+            earlier = (before.get(m.label) or {}).get(name)
+            if name in RATE_COUNTERS and earlier is not None and interval_s > 0:
+                text += f" ({(value - earlier) / interval_s:.1f}/s)"
+            fields.append((name, text))
+        lines.append(StatusLine(m.label, True, fields))
+    return lines
+
+
+def writer_lag(second: list[ServiceMetrics]) -> int | None:
+    """Images the writer is behind the assembler (None when either does not say)."""
+    values = {m.label: m.values or {} for m in second}
+    last = values.get("std_assembler", {}).get("last_image_id")
+    written = values.get("std_h5_writer", {}).get("last_written_id")
+    if last is None or written is None or written <= 0:
+        return None
+    return int(last - written)
+
+
+def format_status(config: DetectorConfig, lines: list[StatusLine], lag: int | None) -> str:
+    out = [f"std-daq status: detector {config.detector_name} ({config.detector_type}, "
+           f"{config.n_modules} modules)"]
+    if not lines:
+        out.append("  no metrics endpoints: set \"metrics\": {\"base_port\": ...} in the config")
+    width = max((len(line.label) for line in lines), default=0)
+    for line in lines:
+        if not line.up:
+            out.append(f"  {line.label:<{width}}  DOWN  ({line.error})")
+            continue
+        body = "  ".join(f"{name.replace('_', ' ')} {text}" for name, text in line.fields)
+        out.append(f"  {line.label:<{width}}  up    {body}")
+    if lag is not None:
+        out.append(f"  writer behind the assembler by {lag} images")
+    return "\n".join(out)
+
+
+def run_status(config: DetectorConfig, interval_s: float = 1.0, watch: bool = False) -> int:
+    import time
+
+    try:
+        while True:
+            first = scrape(config)
+            time.sleep(interval_s)
+            second = scrape(config)
+            text = format_status(config, summarise(first, second, interval_s), writer_lag(second))
+            if not watch:
+                print(text)
+                return 0 if second and all(m.values is not None for m in second) else 1
+            print("\033[2J\033[H" + text, flush=True)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,202 @@
+"""The detector simulator: real-format packets for Jungfrau, Eiger and Gigafrost, one UDP port per module.
+
+Pixel content is core_buffer.pattern's, so tests recompute every pixel. Each module's packets for an image
+are built in one array: the pattern's bytes are laid out once, and per image only the header fields and
+the image-id stamp of every row change. Faults for tests are injected per frame: random or periodic
+packet drops, duplicates, reordering within the frame, and malformed datagrams of every kind the
+receiver must survive.
+"""
+from __future__ import annotations
+
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core_buffer.config import DetectorConfig
+from core_buffer.detectors import GF_HEADER_DTYPE, GF_PROTOCOL_ID, GIGAFROST, SLS_HEADER_DTYPE, gigafrost_quadrant_link, pack_12bit
+from core_buffer.pattern import STAMP_COLUMNS, frame_bytes, stamp
+
+SLS_DETECTOR_TYPE = {"jungfrau": 3, "eiger": 1}
+
+
+@dataclass
+class Faults:
+    drop_fraction: float = 0.0  # each packet dropped with this probability
+    drop_every: int = 0  # drop one packet (number image_id % n_packets) of every image with id % N == 0
+    duplicate_fraction: float = 0.0
+    reorder: bool = False  # shuffle the packet order within each frame
+    malformed_per_frame: int = 0  # extra malformed datagrams per frame (short, long, garbage, bad number)
+    seed: int = 1
+
+
+@dataclass
+class SimStats:
+    images: int = 0
+    packets: int = 0
+    dropped: int = 0
+    duplicated: int = 0
+    malformed: int = 0
+    dropped_ids: list[int] = field(default_factory=list)
+
+
+class ModuleSender:
+    """The packets of one module: built per image in place, sent in order (or in the faults' order)."""
+
+    def __init__(self, config: DetectorConfig, module_id: int) -> None:
+        stream = config.stream
+        self.stream, self.module_id = stream, module_id
+        self.gigafrost = stream.detector_type == GIGAFROST
+        self.header_dtype = GF_HEADER_DTYPE if self.gigafrost else SLS_HEADER_DTYPE
+        hdr = self.header_dtype.itemsize
+        self.hdr = hdr
+        n = stream.packets_per_frame
+        self.lengths = []
+        for k in range(n):
+            payload = stream.packet_payload_bytes(k)
+            padding = stream.packet_padding_bytes if payload == stream.packet_data_bytes else 0
+            self.lengths.append(hdr + payload + padding)
+        self.packets = np.zeros((n, max(self.lengths)), dtype=np.uint8)
+        body = frame_bytes(stream, module_id, 0)
+        for k in range(n):
+            size = stream.packet_payload_bytes(k)
+            off = stream.packet_offset(k)
+            self.packets[k, hdr:hdr + size] = body[off:off + size]
+        self.headers = np.zeros(n, dtype=self.header_dtype)
+        self._init_headers(config)
+        # Where each row's stamp bytes sit: (packet, byte offset in the datagram) per frame row.
+        row_bytes = stream.frame_width * stream.bit_depth // 8
+        starts = np.arange(stream.frame_height) * row_bytes
+        self.stamp_packet = (starts // stream.packet_data_bytes)[:, None]
+        stamp_bytes = STAMP_COLUMNS * stream.bit_depth // 8
+        self.stamp_offset = (hdr + starts % stream.packet_data_bytes)[:, None] + np.arange(stamp_bytes)[None, :]
+        self.address = ("127.0.0.1", config.udp_port(module_id))
+
+    def _init_headers(self, config: DetectorConfig) -> None:
+        h, stream, n = self.headers, self.stream, self.stream.packets_per_frame
+        if self.gigafrost:
+            quadrant, link = gigafrost_quadrant_link(self.module_id)
+            quadrant_rows = config.image_pixel_height // 2
+            h["protocol_id"] = GF_PROTOCOL_ID
+            h["quadrant_row_length_in_blocks"] = stream.frame_width // 12
+            h["quadrant_rows"] = quadrant_rows & 0xFF
+            h["status_flags"] = (quadrant << 6) | (link << 5) | ((quadrant_rows >> 8) & 0x3)
+            h["packet_starting_row"] = np.arange(n) * stream.rows_per_packet
+        else:
+            h["packetnum"] = np.arange(n)
+            h["moduleID"] = self.module_id
+            h["row"] = self.module_id % 2 if config.jungfrau_interfaces == 2 else self.module_id
+            h["detectortype"] = SLS_DETECTOR_TYPE[stream.detector_type]
+            h["headerVersion"] = 2
+
+    def _stamp_bytes(self, image_id: int) -> np.ndarray:
+        pixels = stamp(image_id)
+        if self.gigafrost:
+            return pack_12bit(pixels)
+        return pixels.astype(self.stream.pixel_dtype).view(np.uint8)
+
+    def build(self, image_id: int) -> None:
+        h = self.headers
+        if self.gigafrost:
+            h["frame_index"] = image_id & 0xFFFFFFFF
+            h["image_timing"] = image_id
+        else:
+            h["framenum"] = image_id
+            h["bunchid"] = float(image_id)
+            h["timestamp"] = image_id
+        self.packets[:, :self.hdr] = h.view(np.uint8).reshape(len(h), self.hdr)
+        self.packets[self.stamp_packet, self.stamp_offset] = self._stamp_bytes(image_id)
+
+    def datagram(self, k: int) -> memoryview:
+        return memoryview(self.packets[k, :self.lengths[k]])
+
+
+class Simulator:
+    def __init__(self, config: DetectorConfig, modules: list[int] | None = None, host: str = "127.0.0.1",
+                 faults: Faults | None = None) -> None:
+        self.config = config
+        self.senders = [ModuleSender(config, m) for m in (modules if modules is not None else range(config.n_modules))]
+        for sender in self.senders:
+            sender.address = (host, sender.address[1])
+        self.faults = faults or Faults()
+        self.rng = random.Random(self.faults.seed)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 2**20)
+        self.stats = SimStats()
+
+    def _order(self, n: int, image_id: int) -> list[int]:
+        f = self.faults
+        order = list(range(n))
+        if f.reorder:
+            self.rng.shuffle(order)
+        if f.drop_every and image_id % f.drop_every == 0:
+            order.remove(image_id % n)
+            self.stats.dropped += 1
+            self.stats.dropped_ids.append(image_id)
+        if f.drop_fraction:
+            kept = [k for k in order if self.rng.random() >= f.drop_fraction]
+            self.stats.dropped += len(order) - len(kept)
+            order = kept
+        if f.duplicate_fraction:
+            dups = [k for k in order if self.rng.random() < f.duplicate_fraction]
+            self.stats.duplicated += len(dups)
+            order += dups
+        return order
+
+    def _malformed(self, sender: ModuleSender, image_id: int) -> list[bytes]:
+        """Datagrams of every malformed kind: short, long, garbage header, packet number out of range."""
+        good = bytes(sender.datagram(0))
+        hdr = sender.hdr
+        out = [good[:hdr - 5], good + b"\x00" * 7, bytes(self.rng.getrandbits(8) for _ in range(hdr)) + good[hdr:]]
+        bad_number = bytearray(good)
+        if sender.gigafrost:
+            bad_number[14:16] = (sender.stream.frame_height + sender.stream.rows_per_packet).to_bytes(2, "little")
+        else:
+            bad_number[12:16] = (sender.stream.packets_per_frame + 3).to_bytes(4, "little")
+        out.append(bytes(bad_number))
+        return [out[k % len(out)] for k in range(self.faults.malformed_per_frame)]
+
+    def send_image(self, image_id: int) -> None:
+        send, st = self.sock.sendto, self.stats
+        for sender in self.senders:
+            sender.build(image_id)
+            address = sender.address
+            if self.faults.malformed_per_frame:
+                for datagram in self._malformed(sender, image_id):
+                    send(datagram, address)
+                    st.malformed += 1
+            if (self.faults.reorder or self.faults.drop_every or self.faults.drop_fraction
+                    or self.faults.duplicate_fraction):
+                order = self._order(len(sender.lengths), image_id)
+            else:
+                order = range(len(sender.lengths))
+            for k in order:
+                while True:
+                    try:
+                        send(sender.datagram(k), address)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.0001)
+                st.packets += 1
+        st.images += 1
+
+    def run(self, rate_hz: float, n_images: int | None, start_id: int = 1, stop=None) -> SimStats:
+        """Send images start_id, start_id + 1, ... at `rate_hz` (0: as fast as possible)."""
+        period = 1.0 / rate_hz if rate_hz > 0 else 0.0
+        t0 = time.monotonic()
+        i = 0
+        while n_images is None or i < n_images:
+            if stop is not None and stop.is_set():
+                break
+            if period:
+                delay = t0 + i * period - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            self.send_image(start_id + i)
+            i += 1
+        return self.stats
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,112 @@
+"""The shared run loop: stops on signals, survives exceptions, reports statistics."""
+import io
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from core_buffer.service import Counters, StatsReporter, influx_line, run
+
+
+class FlakyService:
+    """Raises on some polls; counts the polls that worked."""
+
+    name = "flaky"
+
+    def __init__(self, stop: threading.Event, fail_every: int, stop_after: int) -> None:
+        self.counters = Counters("polls", "raised")
+        self.stop_event = stop
+        self.fail_every = fail_every
+        self.stop_after = stop_after
+        self.order: list[str] = []
+
+    def poll(self, timeout_s: float) -> None:
+        self.counters.polls += 1
+        if self.counters.polls >= self.stop_after:
+            self.stop_event.set()
+        if self.counters.polls % self.fail_every == 0:
+            self.counters.raised += 1
+            raise ValueError("bad input")
+
+    def stop(self) -> None:
+        self.order.append("stop")
+
+    def close(self) -> None:
+        self.order.append("close")
+
+    def stats(self):
+        return self.counters.snapshot()
+
+
+def test_the_loop_outlives_exceptions_and_shuts_down_in_order(caplog):
+    stop = threading.Event()
+    service = FlakyService(stop, fail_every=3, stop_after=30)
+    out = io.StringIO()
+    reporter = StatsReporter("flaky", {"detector": "d"}, interval_s=1000, out=out)
+    assert run(service, stop, reporter, poll_timeout_s=0.001) == 0
+    assert service.counters.polls == 30
+    assert service.order == ["stop", "close"]
+    final = out.getvalue().strip().splitlines()[-1]
+    assert final.startswith("std_daq_flaky,detector=d polls=30i,raised=10i,loop_errors=10i ")
+    # The traceback is logged once, not ten times.
+    assert sum("unexpected ValueError" in r.message for r in caplog.records) == 1
+
+
+def test_the_reporter_reports_rates_at_its_interval():
+    now = [100.0]
+    out = io.StringIO()
+    reporter = StatsReporter("svc", {"detector": "d", "module": "1"}, 2.0, rates=("frames",), out=out,
+                             clock=lambda: now[0])
+    assert not reporter.due()
+    now[0] = 102.0
+    assert reporter.due()
+    fields = reporter.report({"frames": 4000, "lost": 1})
+    assert fields["frames_per_s"] == 2000.0
+    now[0] = 103.0
+    assert reporter.report({"frames": 4500, "lost": 1})["frames_per_s"] == 500.0
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith("std_daq_svc,detector=d,module=1 frames=4000i,lost=1i,frames_per_s=2000.0 ")
+
+
+def test_influx_line_escapes_tags_and_types_fields():
+    line = influx_line("m", {"det name": "a,b"}, {"n": 3, "rate": 1.5, "flag": True}, 17)
+    assert line == r"m,det\ name=a\,b n=3i,rate=1.5,flag=1.0 17"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_daemon_process_cleanly(signum, tmp_path):
+    code = """
+        import threading, sys
+        from core_buffer.service import Counters, StatsReporter, install_stop_handlers, run, setup_logging
+        setup_logging("INFO")
+
+        class Idle:
+            name = "idle"
+            def __init__(self): self.c = Counters("polls")
+            def poll(self, timeout_s):
+                self.c.polls += 1
+                threading.Event().wait(timeout_s)
+            def stop(self): print("stopping", flush=True)
+            def close(self): print("closed", flush=True)
+            def stats(self): return self.c.snapshot()
+
+        stop = threading.Event()
+        install_stop_handlers(stop)
+        print("ready", flush=True)
+        sys.exit(run(Idle(), stop, StatsReporter("idle", {}, 0.05)))
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines.index("stopping") < lines.index("closed")
+    assert lines[-1].startswith("std_daq_idle polls=")
+    assert "idle stopped" in err

@@ -1,0 +1,114 @@
+"""Whole pipelines of real processes: the launcher starts the services from their console scripts,
+std_udp_sim sends real UDP on loopback, writes go through the real RabbitMQ, files are real HDF5."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from core_buffer.config import DetectorConfig
+from std_daq import status
+from std_daq.launcher import Launcher, console_script, pipeline_services, remove_buffers
+from tests.conftest import free_tcp_port_block
+from tests.e2e.protocol_client import ProtocolClient
+
+READY_TIMEOUT_S = 30.0
+
+
+class Pipeline:
+    """One detector's services under the launcher, plus the simulator and a protocol client."""
+
+    def __init__(self, config_path: Path, config: DetectorConfig, workdir: Path) -> None:
+        self.config_path, self.config, self.workdir = config_path, config, workdir
+        self.log_path = workdir / f"{config.detector_name}-services.log"
+        self._log = open(self.log_path, "w", buffering=1)
+        self.launcher: Launcher | None = None
+        self.sims: list[subprocess.Popen] = []
+
+    def start(self, without: tuple[str, ...] = ()) -> None:
+        specs = [s for s in pipeline_services(str(self.config_path), self.config) if s.label not in without]
+        self.launcher = Launcher(specs, output=self._log, cleanup=lambda: remove_buffers(self.config))
+        self.launcher.start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            labels = {s.label for s in specs}
+            down = [m.label for m in status.scrape(self.config)
+                    if m.values is None and _launcher_label(m.label) in labels]
+            if not down:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"services not up after {READY_TIMEOUT_S} s: {down}\n{self.log_tail()}")
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {m.label: m.values or {} for m in status.scrape(self.config)}
+
+    def simulate(self, *args: str) -> subprocess.Popen:
+        sim = subprocess.Popen([console_script("std_udp_sim"), str(self.config_path), *args],
+                               stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.sims.append(sim)
+        return sim
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-n:])
+
+    def stop(self) -> None:
+        for sim in self.sims:
+            if sim.poll() is None:
+                sim.terminate()
+            try:
+                sim.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
+        if self.launcher is not None:
+            self.launcher.stop()
+            self.launcher = None
+        self._log.close()
+
+
+def _launcher_label(metrics_label: str) -> str:
+    """The launcher's label of a service from its metrics label (std_udp_recv-0 -> udp_recv-0)."""
+    return {"std_assembler": "assembler", "std_h5_writer": "h5_writer", "std_stream_send": "stream_send",
+            "std_stream_recv": "stream_recv"}.get(metrics_label, metrics_label.removeprefix("std_"))
+
+
+@pytest.fixture
+def pipeline_config(make_config: Any, tmp_path: Path) -> Any:
+    """make_config for pipelines: output into tmp_path, metrics on free ports, short stats interval."""
+
+    def factory(**overrides: Any) -> tuple[Path, DetectorConfig]:
+        n_modules = overrides.get("n_modules", 1)
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        overrides.setdefault("output_dirs", [str(out)])
+        overrides.setdefault("metrics", {"host": "127.0.0.1", "base_port": free_tcp_port_block(11 + n_modules)})
+        overrides.setdefault("frame_buffer_slots", 32)
+        overrides.setdefault("image_buffer_slots", 64)
+        return make_config(**overrides)
+
+    return factory
+
+
+@pytest.fixture
+def pipelines(tmp_path: Path) -> Iterator[Any]:
+    started: list[Pipeline] = []
+
+    def factory(config_path: Path, config: DetectorConfig, **start_args: Any) -> Pipeline:
+        pipe = Pipeline(config_path, config, tmp_path)
+        started.append(pipe)
+        pipe.start(**start_args)
+        return pipe
+
+    yield factory
+    for pipe in reversed(started):
+        pipe.stop()
+
+
+@pytest.fixture
+def client(broker_url: str) -> Iterator[ProtocolClient]:
+    c = ProtocolClient(broker_url)
+    yield c
+    c.close()

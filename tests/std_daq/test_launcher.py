@@ -1,0 +1,101 @@
+"""The launcher's supervision, with small real child processes standing in for services."""
+import io
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from std_daq import launcher as launcher_module
+from std_daq.launcher import Launcher, ServiceSpec
+
+CHILD = textwrap.dedent("""
+    import signal, sys, time
+    label, log = sys.argv[1], sys.argv[2]
+    def on_term(*_):
+        with open(log, "a") as f:
+            f.write(f"stop {label}\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    with open(log, "a") as f:
+        f.write(f"start {label}\\n")
+    print(f"hello from {label}", flush=True)
+    while True:
+        time.sleep(0.05)
+""")
+
+
+def spec(label: str, rank: int, log, code: str = CHILD) -> ServiceSpec:
+    return ServiceSpec(label, [sys.executable, "-c", code, label, str(log)], rank)
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_services_start_downstream_first_and_stop_upstream_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher_module, "STAGE_SETTLE_S", 1.5)
+    log = tmp_path / "events"
+    out = io.StringIO()
+    cleaned = []
+    launcher = Launcher([spec("recv-0", 0, log), spec("recv-1", 0, log), spec("assembler", 1, log),
+                         spec("writer", 4, log)], output=out, cleanup=lambda: cleaned.append(True))
+    launcher.start()
+    try:
+        assert wait_for(lambda: log.exists() and log.read_text().count("start") == 4)
+        assert wait_for(lambda: "[recv-1] hello from recv-1" in out.getvalue())
+    finally:
+        launcher.stop()
+    events = log.read_text().split("\n")
+    starts = [e.split()[1] for e in events if e.startswith("start")]
+    stops = [e.split()[1] for e in events if e.startswith("stop")]
+    assert starts.index("writer") < starts.index("assembler") < min(starts.index("recv-0"), starts.index("recv-1"))
+    assert max(stops.index("recv-0"), stops.index("recv-1")) < stops.index("assembler") < stops.index("writer")
+    assert cleaned == [True]
+
+
+def test_a_crashed_service_is_restarted_with_backoff_and_the_launcher_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher_module, "BACKOFF_START_S", 0.2)
+    crash_once = textwrap.dedent("""
+        import os, sys, time
+        marker = sys.argv[2] + ".crashed"
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            sys.exit(3)
+        print("second life", flush=True)
+        time.sleep(30)
+    """)
+    out = io.StringIO()
+    launcher = Launcher([spec("flaky", 0, tmp_path / "x", crash_once)], output=out)
+    stop = threading.Event()
+    runner = threading.Thread(target=launcher.run, args=(stop, 0.05))
+    runner.start()
+    try:
+        assert wait_for(lambda: "[flaky] second life" in out.getvalue())
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    text = out.getvalue()
+    assert "flaky exited with code 3; restarting in 0.2 s" in text
+    assert "restarted flaky" in text and "restart 1)" in text
+    assert launcher.children[0].backoff_s == pytest.approx(0.4)
+
+
+def test_a_service_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher_module, "STOP_GRACE_S", 0.5)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    out = io.StringIO()
+    launcher = Launcher([spec("stubborn", 0, tmp_path / "x", stubborn)], output=out)
+    launcher.start()
+    assert wait_for(lambda: "[stubborn] up" in out.getvalue())
+    started = time.monotonic()
+    launcher.stop()
+    assert time.monotonic() - started < 10
+    assert "stubborn did not stop within 0.5 s; killing it" in out.getvalue()
+    assert launcher.children[0].process.returncode == -9

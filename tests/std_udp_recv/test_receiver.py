@@ -1,0 +1,242 @@
+"""Simulator -> receiver over real loopback UDP, into a real FrameBuffer, frames pushed over real ZMQ."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core_buffer.errors import ConfigError
+from core_buffer.formats import ModuleFrame
+from core_buffer.ipc import make_socket, module_frames_address
+from core_buffer.pattern import frame_bytes
+from std_udp_recv.packets import PacketDecoder
+from std_udp_recv.receiver import UdpReceiver
+from std_udp_recv.sim import Faults, Simulator
+
+DETECTORS = {
+    "jungfrau": dict(detector_type="jungfrau", n_modules=2, image_pixel_height=1024),
+    "jungfrau-2if": dict(detector_type="jungfrau", n_modules=2, jungfrau_interfaces=2, image_pixel_height=512),
+    "eiger16": dict(detector_type="eiger", n_modules=2, bit_depth=16, image_pixel_height=514, image_pixel_width=514,
+                    module_positions={"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}),
+    "eiger32": dict(detector_type="eiger", n_modules=2, bit_depth=32, image_pixel_height=514, image_pixel_width=514,
+                    module_positions={"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}),
+    "gigafrost": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=96,
+                      image_pixel_width=192),
+}
+
+
+class Rig:
+    """Receivers of every module in this process, a PULL per module, and a simulator."""
+
+    def __init__(self, config, faults=None, modules=None):
+        self.config = config
+        self.receivers = [UdpReceiver(config, m) for m in range(config.n_modules)]
+        ctx = zmq.Context.instance()
+        self.pulls = []
+        for m in range(config.n_modules):
+            pull = make_socket(ctx, zmq.PULL, hwm=1000)
+            pull.connect(module_frames_address(config, m))
+            self.pulls.append(pull)
+        time.sleep(0.2)  # let the PULLs connect, so no frame is counted as not delivered
+        self.sim = Simulator(config, modules, faults=faults)
+
+    def send(self, *image_ids: int) -> None:
+        """Send images one by one, reading the sockets in between, so a kernel-capped receive buffer
+        (net.core.rmem_max is 4 MiB on a stock host) never overflows in a test."""
+        for image_id in image_ids:
+            self.sim.send_image(image_id)
+            deadline = time.monotonic() + 0.05
+            while time.monotonic() < deadline:
+                for r in self.receivers:
+                    r.poll(0.001)
+
+    def drain(self, until_frames: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for r in self.receivers:
+                r.poll(0.01)
+            if all(r.counters.frames >= until_frames for r in self.receivers):
+                return
+        raise AssertionError(f"frames: {[r.counters.frames for r in self.receivers]}")
+
+    def pushed(self, module: int) -> list[ModuleFrame]:
+        out = []
+        while self.pulls[module].poll(200):
+            out.append(ModuleFrame.decode(self.pulls[module].recv()))
+        return out
+
+    def close(self):
+        self.sim.close()
+        for p in self.pulls:
+            p.close()
+        for r in self.receivers:
+            r.close()
+
+
+@pytest.fixture
+def rig(make_config):
+    made = []
+
+    def factory(detector="jungfrau", faults=None, modules=None, **overrides):
+        _, config = make_config(**{**DETECTORS[detector], **overrides})
+        made.append(Rig(config, faults, modules))
+        return made[-1]
+
+    yield factory
+    for r in made:
+        r.close()
+
+
+@pytest.mark.parametrize("detector", sorted(DETECTORS))
+def test_frames_equal_the_simulated_pattern_bit_for_bit(rig, detector):
+    r = rig(detector)
+    r.send(1, 2, 3)
+    r.drain(3)
+    stream = r.config.stream
+    for m, receiver in enumerate(r.receivers):
+        assert receiver.counters.complete_frames == 3
+        assert receiver.counters.lost_packets == receiver.counters.malformed_packets == 0
+        frames = r.pushed(m)
+        assert [f.id for f in frames] == [1, 2, 3]
+        for f in frames:
+            assert (f.module_id, f.n_recv_packets, f.n_packets) == (m, stream.packets_per_frame, stream.packets_per_frame)
+            assert f.frame_index == f.id
+            assert r.receivers[0].frames.read_frame_meta(f.id, m) == f
+            assert np.array_equal(r.receivers[0].frames.frame_data(f.id, m), frame_bytes(stream, m, f.id))
+
+
+def test_lost_packets_are_zero_filled_and_counted_reordered_and_duplicates_land_once(rig):
+    r = rig("jungfrau", Faults(drop_every=2, reorder=True, duplicate_fraction=0.2, seed=3))
+    r.send(1, 2, 3, 4)
+    r.drain(3)
+    time.sleep(0.15)  # the last frame is finished by the timeout
+    r.drain(4)
+    stream = r.config.stream
+    for m, receiver in enumerate(r.receivers):
+        c = receiver.counters
+        assert c.lost_packets == 2 and c.incomplete_frames == 2 and c.complete_frames == 2
+        assert c.duplicate_packets > 0
+        frames = {f.id: f for f in r.pushed(m)}
+        for image_id in (1, 2, 3, 4):
+            expected = frame_bytes(stream, m, image_id).copy()
+            if image_id % 2 == 0:
+                k = image_id % stream.packets_per_frame
+                expected[k * stream.packet_data_bytes:(k + 1) * stream.packet_data_bytes] = 0
+                assert frames[image_id].n_recv_packets == stream.packets_per_frame - 1
+            assert np.array_equal(receiver.frames.frame_data(image_id, m), expected), image_id
+    # A copy that arrives after its frame finished complete is a late packet; every copy is counted once.
+    assert sum(r.counters.duplicate_packets + r.counters.late_packets for r in r.receivers) == r.sim.stats.duplicated
+
+
+def test_malformed_datagrams_are_counted_by_kind_and_valid_frames_survive(rig):
+    r = rig("gigafrost", Faults(malformed_per_frame=8))
+    r.send(7, 8)
+    r.drain(2)
+    for m, receiver in enumerate(r.receivers):
+        c = receiver.counters
+        assert c.malformed_packets == 16
+        assert c.bad_length_packets == 8 and c.bad_header_packets == 4 and c.bad_packet_number_packets == 4
+        assert c.complete_frames == 2
+        assert np.array_equal(receiver.frames.frame_data(8, m), frame_bytes(r.config.stream, m, 8))
+
+
+def test_last_frame_is_finished_by_the_timeout(rig):
+    r = rig("jungfrau", Faults(drop_every=5), udp_recv={"frame_timeout_s": 0.05})
+    r.sim.send_image(5)  # one packet missing: only the timeout can finish it
+    for receiver in r.receivers:
+        receiver.poll(0.01)
+        assert receiver.counters.frames == 0
+    time.sleep(0.06)
+    r.drain(1)
+    assert [f.n_recv_packets for f in r.pushed(0)] == [127]
+
+
+def test_late_packets_of_a_finished_frame_are_dropped_and_a_restart_is_followed(rig):
+    r = rig("jungfrau", modules=[0])
+    r.sim.send_image(10)
+    r.sim.send_image(11)
+    sender = r.sim.senders[0]
+    sender.build(10)
+    r.sim.sock.sendto(sender.datagram(5), sender.address)  # late: frame 10 is finished
+    r.sim.send_image(1)  # the detector restarted
+    receiver = r.receivers[0]
+    deadline = time.monotonic() + 5
+    while receiver.counters.frames < 3 and time.monotonic() < deadline:
+        receiver.poll(0.01)
+    assert receiver.counters.late_packets == 1
+    assert [f.id for f in r.pushed(0)] == [10, 11, 1]
+    assert np.array_equal(receiver.frames.frame_data(10, 0), frame_bytes(r.config.stream, 0, 10))
+
+
+def test_recv_into_fallback_gives_the_same_frames(rig):
+    r = rig("eiger16", udp_recv={"recvmmsg": False})
+    assert r.receivers[0].batch.path == "recv_into"
+    r.sim.send_image(4)
+    r.drain(1)
+    assert np.array_equal(r.receivers[1].frames.frame_data(4, 1), frame_bytes(r.config.stream, 1, 4))
+
+
+def test_bad_config_key_is_named(make_config):
+    _, config = make_config(udp_recv={"rcvbuf_bytes": "big"})
+    with pytest.raises(ConfigError, match="udp_recv.rcvbuf_bytes"):
+        UdpReceiver(config, 0)
+    _, config = make_config(udp_recv={"frame_timout_s": 1})
+    with pytest.raises(ConfigError, match="frame_timout_s"):
+        UdpReceiver(config, 0)
+
+
+def test_cli_refuses_a_module_the_detector_does_not_have(make_config):
+    path, _ = make_config()
+    result = subprocess.run(["std_udp_recv", str(path), "3"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "module_id" in result.stderr
+
+
+def test_sim_and_receiver_processes_end_to_end(make_config):
+    """The console scripts as the launcher runs them: frames arrive and the receiver stops on SIGTERM."""
+    path, config = make_config()
+    ctx = zmq.Context.instance()
+    pull = make_socket(ctx, zmq.PULL, hwm=1000)
+    pull.connect(module_frames_address(config, 0))
+    recv = subprocess.Popen(["std_udp_recv", str(path), "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        sim = subprocess.run(["std_udp_sim", str(path), "--rate", "100", "--n-images", "5", "--start-id", "20"],
+                             capture_output=True, text=True, timeout=30)
+        assert "sent 5 images" in sim.stdout
+        ids = []
+        while len(ids) < 5 and pull.poll(5000):
+            ids.append(ModuleFrame.decode(pull.recv()).id)
+        assert ids == [20, 21, 22, 23, 24]
+    finally:
+        recv.terminate()
+        _, err = recv.communicate(timeout=15)
+        pull.close()
+    assert recv.returncode == 0
+    assert "complete_frames=5" in err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=8300), min_size=1, max_size=16))
+def test_decoder_survives_any_datagram(datagrams):
+    from core_buffer.config import parse_config
+
+    config = parse_config({"detector_name": "fuzz", "detector_type": "jungfrau", "n_modules": 1, "bit_depth": 16,
+                           "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": 50000,
+                           "image_id_source": "pulse_id"})
+    decoder = PacketDecoder(config, 0)
+    buffer = np.zeros((len(datagrams), decoder.max_datagram + 1), np.uint8)
+    lengths = np.zeros(len(datagrams), np.int64)
+    for i, d in enumerate(datagrams):
+        d = d[:decoder.max_datagram + 1]
+        buffer[i, :len(d)] = np.frombuffer(d, np.uint8)
+        lengths[i] = len(d)
+    decoded = decoder.decode(buffer, lengths, len(datagrams))
+    assert int(decoded.valid.sum()) + sum(decoded.malformed.values()) == len(datagrams)
+    assert not decoded.valid[lengths != decoder.max_datagram].any()
