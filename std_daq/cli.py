@@ -46,6 +46,12 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(_load(args.config), interval_s=args.interval, watch=args.watch)
 
 
+def _pedestal(args: argparse.Namespace) -> int:
+    from std_assembler.pedestal import main as pedestal_main
+
+    return pedestal_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="std-daq", description="Operate a std-daq detector pipeline.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.set_defaults(func=_status)
 
+    from std_daq import requests_cli
+
+    requests_cli.add_commands(commands)
+
+    pedestal = commands.add_parser("pedestal", add_help=False,
+                                   help="Jungfrau pedestals from dark runs written by std_h5_writer "
+                                        "(std-daq pedestal --help)")
+    pedestal.add_argument("args", nargs=argparse.REMAINDER)
+    pedestal.set_defaults(func=_pedestal)
+
     demo_cmd = commands.add_parser("demo", help="run a small local pipeline from the bundled config")
     demo_cmd.add_argument("--images", type=int, default=demo.DEFAULT_IMAGES, help="images to write (default %(default)s)")
     demo_cmd.add_argument("--rate", type=float, default=demo.DEFAULT_RATE_HZ, help="simulated frame rate in Hz (default %(default)s)")
@@ -81,5 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pedestal"]:  # its own parser, options included
+        return _pedestal(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)

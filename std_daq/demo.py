@@ -92,7 +92,7 @@ class WriteOutcome:
 
 
 def write_via_broker(config: DetectorConfig, output_file: str, n_images: int) -> WriteOutcome:
-    from std_daq.requests_cli import send_write_and_wait
+    from std_daq.client import send_write_and_wait
 
     bar = ProgressBar(n_images)
     result = send_write_and_wait(config.detector_name, output_file, n_images, progress=bar, timeout_s=120)

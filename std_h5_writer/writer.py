@@ -15,6 +15,7 @@ the error's text, closes the file as far as possible and leaves the writer ready
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from std_h5_writer.h5file import STATUS_LOST, OutputFile, create_exclusive
 log = logging.getLogger("std_h5_writer")
 
 HWM = 100000
+UNSENT_STATUSES_MAX = 1000
 COMPRESSIONS = ("none", "bitshuffle-lz4")
 
 
@@ -85,6 +87,7 @@ class H5Writer:
         self.status = make_socket(self.context, zmq.PUSH, hwm=HWM, linger_ms=1000)
         self.status.bind(writer_status_address(config))
         self.run: Run | None = None
+        self.unsent: collections.deque[bytes] = collections.deque(maxlen=UNSENT_STATUSES_MAX)
         self.counters = Counters("starts", "files_finished", "files_failed", "images_written", "images_lost",
                                  "bad_messages", "stray_messages", "statuses_not_sent", "writing",
                                  "last_written_id")
@@ -250,12 +253,23 @@ class H5Writer:
         run.last_status = time.monotonic()
 
     def _push(self, status: WriterStatus) -> None:
-        try:
-            self.status.send(status.encode(), zmq.NOBLOCK)
-        except zmq.Again:
-            self.counters.statuses_not_sent += 1
+        if len(self.unsent) == self.unsent.maxlen:
+            self.counters.statuses_not_sent += 1  # the oldest waiting status is dropped
+        self.unsent.append(status.encode())
+        self._flush_statuses()
+
+    def _flush_statuses(self) -> None:
+        """Send the waiting statuses; with no writer_agent connected (it restarts, or reconnects after
+        our own restart) they wait here instead of being lost."""
+        while self.unsent:
+            try:
+                self.status.send(self.unsent[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.unsent.popleft()
 
     def _periodic(self) -> None:
+        self._flush_statuses()
         run = self.run
         if run is None or run.file is None:
             return
