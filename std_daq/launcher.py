@@ -78,10 +78,9 @@ def pipeline_services(config_path: str, config: DetectorConfig) -> list[ServiceS
     specs = [ServiceSpec(f"udp_recv-{m}", [console_script("std_udp_recv"), config_path, str(m)], 0)
              for m in range(config.n_modules)]
     specs.append(ServiceSpec("assembler", [console_script("std_assembler"), config_path], 1))
-    stream_to = config.sections.get("stream_send", {}).get("to")
-    if stream_to:
-        specs.append(ServiceSpec("stream_send", [console_script("std_stream_send"), config_path, "--to",
-                                                 stream_to], 2))
+    stream = config.sections.get("stream_send", {})
+    if stream.get("to") or stream.get("live"):  # the addresses come from the config
+        specs.append(ServiceSpec("stream_send", [console_script("std_stream_send"), config_path], 2))
     specs.append(ServiceSpec("writer_agent", [console_script("writer_agent"), config_path], 3))
     specs.append(ServiceSpec("h5_writer", [console_script("std_h5_writer"), config_path], 4))
     return specs

@@ -40,7 +40,6 @@ def console_scripts() -> set[str]:
     return {entry.split("=")[0].strip() for entry in ast.literal_eval(scripts)}
 
 
-@pytest.mark.xfail(reason="service packages land with issues 3-7; remove this mark when they exist", strict=False)
 def test_every_console_script_target_is_importable():
     tree = ast.parse((ROOT / "setup.py").read_text())
     scripts = next(node.value for node in tree.body if isinstance(node, ast.Assign)

@@ -11,7 +11,7 @@ import pytest
 
 from core_buffer.config import DetectorConfig
 from std_daq import status
-from std_daq.launcher import Launcher, console_script, pipeline_services, remove_buffers
+from std_daq.launcher import Launcher, ServiceSpec, console_script, pipeline_services, remove_buffers
 from tests.conftest import free_tcp_port_block
 from tests.e2e.protocol_client import ProtocolClient
 
@@ -28,8 +28,9 @@ class Pipeline:
         self.launcher: Launcher | None = None
         self.sims: list[subprocess.Popen] = []
 
-    def start(self, without: tuple[str, ...] = ()) -> None:
-        specs = [s for s in pipeline_services(str(self.config_path), self.config) if s.label not in without]
+    def start(self, without: tuple[str, ...] = (), specs: list[ServiceSpec] | None = None) -> None:
+        if specs is None:
+            specs = [s for s in pipeline_services(str(self.config_path), self.config) if s.label not in without]
         self.launcher = Launcher(specs, output=self._log, cleanup=lambda: remove_buffers(self.config))
         self.launcher.start()
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from core_buffer.pattern import STAMP_COLUMNS
+from std_daq.launcher import ServiceSpec, console_script
+from tests.conftest import free_tcp_port_block
 from tests.e2e.expected import raw_image
 
 pytestmark = pytest.mark.broker
@@ -65,4 +67,28 @@ def test_eiger_two_half_modules_file_equals_the_simulated_pattern(pipeline_confi
     data, ids, statuses = read_file(out_file, config.detector_name)
     assert data.shape == (10, 514, 514)
     assert not statuses.any()
+    assert_images_equal_pattern(config, data, ids)
+
+
+def test_a_write_on_the_replica_server_equals_the_originals(pipeline_config, pipelines, client, tmp_path):
+    """Detector server: the pipeline plus std_stream_send. "Other server": std_stream_recv, writer_agent and
+    std_h5_writer in their own namespace (own shared memory and ipc names), as on a second machine."""
+    port = free_tcp_port_block(1)
+    path, config = pipeline_config(n_modules=2, image_pixel_height=1024,
+                                   stream_send={"to": f"tcp://127.0.0.1:{port}"})
+    replica_path, replica = pipeline_config(n_modules=2, image_pixel_height=1024, namespace="replica",
+                                            stream_recv={"bind": f"tcp://127.0.0.1:{port}"},
+                                            writer_agent={"tag": config.detector_name + "-replica"})
+    replica_side = pipelines(replica_path, replica, specs=[
+        ServiceSpec(label, [console_script(script), str(replica_path)], rank)
+        for rank, (label, script) in enumerate((("stream_recv", "std_stream_recv"),
+                                                ("writer_agent", "writer_agent"), ("h5_writer", "std_h5_writer")))])
+    detector_side = pipelines(path, config)
+    detector_side.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    out_file = str(tmp_path / "out" / "replica.h5")
+    request_id = client.send_write(config.detector_name + "-replica", {"output_file": out_file, "n_images": 15})
+    outcome = client.wait(request_id, timeout_s=60)
+    assert outcome.succeeded, f"{outcome}\n{replica_side.log_tail()}\n{detector_side.log_tail()}"
+    data, ids, statuses = read_file(out_file, config.detector_name)
+    assert data.shape == (15, 1024, 1024) and not statuses.any()
     assert_images_equal_pattern(config, data, ids)
