@@ -6,7 +6,7 @@ between "published" and "seen on the replica's metadata stream" so nothing is dr
 it measures bare ZMQ: a PUSH sending the same bytes zero-copy to a PULL in another process that receives
 them into one buffer, and prints the ratio. For 1 MiB and 4 MiB uint16 images:
 
-    python benchmarks/stream.py [--seconds 5] [--window 8]
+    python benchmarks/stream.py [--seconds 5] [--window 32]
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from core_buffer.ringbuffer import ImageBuffer, unlink
 
 BIN = os.path.dirname(sys.executable)
 SIZES = {"1 MiB": 1, "4 MiB": 4}  # Jungfrau modules of 512x1024 uint16
-SLOTS = 64
+SLOTS = 128
+QUEUE = 64  # send and receive queues, in images (above --window, so nothing is dropped)
 
 BARE_RECEIVER = """
 import sys, time, zmq, numpy as np
@@ -64,9 +65,9 @@ def replicate(workdir: str, modules: int, seconds: float, window: int) -> tuple[
     name = f"benchs-{modules}-{os.getpid()}"
     port = free_port()
     source_path = write_config(workdir, name, modules, stream_send={"to": f"tcp://127.0.0.1:{port}",
-                                                                    "queue_images": 16})
+                                                                    "queue_images": QUEUE})
     replica_path = write_config(workdir, name, modules, namespace="bench-replica",
-                                stream_recv={"bind": f"tcp://127.0.0.1:{port}", "queue_images": 16})
+                                stream_recv={"bind": f"tcp://127.0.0.1:{port}", "queue_images": QUEUE})
     source, replica = load_config(source_path), load_config(replica_path)
     images = ImageBuffer.for_config(source)
     rng = np.random.default_rng(0)
@@ -135,7 +136,7 @@ def bare_zmq(nbytes: int, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per image size")
-    parser.add_argument("--window", type=int, default=8, help="images in flight at most")
+    parser.add_argument("--window", type=int, default=32, help="images in flight at most")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         for label, modules in SIZES.items():

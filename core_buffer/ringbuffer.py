@@ -333,6 +333,11 @@ class ImageBuffer(RingBuffer):
     def still_holds(self, image_id: int) -> bool:
         return self.slot_id(self.slot_of(image_id)) == image_id
 
+    def raw_bytes(self, image_id: int, nbytes: int) -> np.ndarray:
+        """Zero-copy uint8 view of the first `nbytes` of the slot of `image_id` (no id check: callers
+        check `still_holds` after they have copied it)."""
+        return self._data[self.slot_of(image_id), :nbytes]
+
     def copy_image(self, image_id: int, out: np.ndarray) -> ImageMetadata:
         """Copy the image of `image_id` into `out` (raw bytes); ImageLostError if it was not there or
         was overwritten while being copied, in which case `out` must not be used."""

@@ -27,6 +27,7 @@ from core_buffer.service import Counters
 log = logging.getLogger("std_stream_recv")
 
 PUB_HWM = 100000
+IMAGE_OK, IMAGE_TORN = b"\x01", b"\x00"  # last frame of a message from std_stream_send
 
 
 class ReceiverSettings:
@@ -57,7 +58,7 @@ class StreamReceiver:
         self.dtype_code = Dtype.from_numpy(config.image_dtype)
         self.sequence = 0
         self.last_source_sequence: int | None = None
-        self.counters = Counters("images", "bytes", "sequence_gaps", "bad_messages", "source_restarts",
+        self.counters = Counters("images", "bytes", "sequence_gaps", "bad_messages", "source_restarts", "torn_images",
                                  "last_image_id", "sequence")
         log.info("replica of %s %s images: from %s into %s", config.image_dtype, config.image_shape,
                  settings.bind, image_metadata_address(config))
@@ -95,9 +96,16 @@ class StreamReceiver:
         expected = meta.user_2 if meta.encoding == Encoding.BITSHUFFLE_LZ4 else meta.nbytes
         slot = self.images.begin_image(meta.id)
         n = self.pull.recv_into(slot)
-        if n != expected or n > slot.nbytes or self.pull.getsockopt(zmq.RCVMORE):
+        if n != expected or n > slot.nbytes or not self.pull.getsockopt(zmq.RCVMORE):
             self._drop(f"image {meta.id}: {n} bytes, expected {expected}")
             return  # the slot stays marked invalid: nobody reads it as image meta.id
+        check = self.pull.recv()
+        if check != IMAGE_OK or self.pull.getsockopt(zmq.RCVMORE):
+            if check == IMAGE_TORN:
+                self.counters.torn_images += 1  # the source slot was overwritten while being sent
+                return
+            self._drop(f"image {meta.id}: bad last frame {check[:8]!r}")
+            return
         c = self.counters
         last = self.last_source_sequence
         if last is not None and meta.user_1 > last + 1:

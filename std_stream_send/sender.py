@@ -1,12 +1,11 @@
 """std_stream_send: images from the ImageBuffer to a replica over ZMQ TCP, and a rate-reduced live preview.
 
-Replica stream (PUSH, connected to std_stream_recv's bound PULL): per image two frames, the ImageMetadata
-as the source published it (its user_1 is the source's sequence, so the replica counts what it never got)
-and the image bytes. Each image is first copied out of its ring-buffer slot into a private send buffer
-(the id checked before and after, so an overwritten slot is never sent) and then handed to ZMQ without
-another copy. There are `queue_images` such buffers; a buffer is reused once ZMQ reports it sent. When
-all are in flight, or the socket's high-water mark is reached (a slow or absent replica), the image is
-dropped and counted: the sender never waits, so it can never hold back the assembler.
+Replica stream (PUSH, connected to std_stream_recv's bound PULL): per image three frames: the
+ImageMetadata as the source published it (its user_1 is the source's sequence, so the replica counts
+what it never got), the image bytes, copied by ZMQ straight out of the ring-buffer slot, and one byte
+saying whether the slot still held that image after the copy. When the socket's high-water mark
+(`queue_images`) is reached (a slow or absent replica), the image is dropped and counted: the sender
+never waits, so it can never hold back the assembler.
 
 Live preview (PUB, bound): an "array-1.0" JSON header and the raw image, for at most `live_rate_hz`
 images per second or every `live_every`-th image. The socket keeps at most one message per viewer, so a
@@ -32,7 +31,8 @@ from core_buffer.service import Counters
 log = logging.getLogger("std_stream_send")
 
 SUB_HWM = 100000
-LIVE_HWM = 2  # header + image of one preview image
+LIVE_HWM = 2
+IMAGE_OK, IMAGE_TORN = b"\x01", b"\x00"  # last frame of a replica message  # header + image of one preview image
 
 
 class SenderSettings:
@@ -82,14 +82,9 @@ class StreamSender:
         self.sub = make_socket(context, zmq.SUB, hwm=SUB_HWM)
         self.sub.connect(image_metadata_address(config))
         self.data: zmq.Socket | None = None
-        self.pool: list[np.ndarray] = []
-        self.in_flight: list[zmq.MessageTracker | None] = []
         if settings.to:
             self.data = make_socket(context, zmq.PUSH, hwm=settings.queue_images, linger_ms=1000)
             self.data.connect(settings.to)
-            slot_bytes = config.image_bytes
-            self.pool = [np.empty(slot_bytes, np.uint8) for _ in range(settings.queue_images)]
-            self.in_flight = [None] * settings.queue_images
         self.live: zmq.Socket | None = None
         self.live_buffer = np.empty(config.image_bytes, np.uint8)
         if settings.live:
@@ -135,30 +130,27 @@ class StreamSender:
         if self.live is not None and self._live_due(meta):
             self._send_live(meta, n)
 
-    def _free_buffer(self) -> int | None:
-        for i, tracker in enumerate(self.in_flight):
-            if tracker is None or tracker.done:
-                return i
-        return None
-
     def _send_replica(self, meta: ImageMetadata, n: int) -> None:
-        i = self._free_buffer()
-        if i is None:
-            self.counters.images_dropped += 1  # every send buffer is still on its way: the replica is slow
-            return
-        buf = self.pool[i][:n]
+        # ZMQ copies the image out of the slot while queueing the message; the slot's id is checked
+        # before and after that copy, and the last frame says whether the copy is good. A multipart
+        # message leaves only once its last frame is queued, so a torn image is marked before it goes.
         try:
-            self.images.copy_image(meta.id, buf)
+            self.images.read_meta(meta.id)
+            self.data.send(meta.encode(), zmq.NOBLOCK | zmq.SNDMORE)
         except ImageLostError:
             self.counters.images_lost += 1
             return
-        try:
-            self.in_flight[i] = self.data.send_multipart([meta.encode(), buf], zmq.NOBLOCK, copy=False, track=True)
         except zmq.Again:
-            self.counters.images_dropped += 1  # high-water mark reached, or no replica connected
+            self.counters.images_dropped += 1  # high-water mark reached (a slow replica), or none connected
             return
-        self.counters.images_sent += 1
-        self.counters.bytes_sent += n
+        self.data.send(self.images.raw_bytes(meta.id, n), zmq.SNDMORE, copy=True)
+        if self.images.still_holds(meta.id):
+            self.data.send(IMAGE_OK)
+            self.counters.images_sent += 1
+            self.counters.bytes_sent += n
+        else:
+            self.data.send(IMAGE_TORN)
+            self.counters.images_lost += 1
 
     def _live_due(self, meta: ImageMetadata) -> bool:
         if self.settings.live_every:
@@ -186,9 +178,7 @@ class StreamSender:
         self.counters.live_images += 1
 
     def stop(self) -> None:
-        deadline = time.monotonic() + 2.0  # let what is in flight reach the replica
-        while any(t is not None and not t.done for t in self.in_flight) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        pass  # what is queued gets the socket's linger time to reach the replica
 
     def close(self) -> None:
         self.sub.close()

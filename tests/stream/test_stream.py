@@ -142,10 +142,12 @@ def test_the_replica_counts_and_drops_messages_that_are_not_its_images(source_an
         push.send(b"garbage")
         push.send_multipart([ImageMetadata(1, 10, 10, user_1=1).encode(), b"\0" * 200])  # wrong shape
         push.send(good.encode())  # no image bytes
-        push.send_multipart([good.encode(), b"\0" * 100])  # wrong size
-        push.send_multipart([good.encode(), pixels.tobytes()])
+        push.send_multipart([good.encode(), b"\0" * 100, b"\x01"])  # wrong size
+        push.send_multipart([good.encode(), pixels.tobytes()])  # no check frame
+        push.send_multipart([good.encode(), pixels.tobytes(), b"\x00"])  # torn at the source: dropped
+        push.send_multipart([good.encode(), pixels.tobytes(), b"\x01"])
         poll_until([receiver], lambda: receiver.counters.images == 1)
-        assert receiver.counters.bad_messages == 4
+        assert receiver.counters.bad_messages == 5 and receiver.counters.torn_images == 1
         images = ImageBuffer.for_config(replica, create=False)
         assert np.array_equal(images.image_view(5, "<u2", replica.image_shape), pixels)
         images.close()
