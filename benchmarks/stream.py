@@ -24,7 +24,7 @@ import zmq
 
 from core_buffer.config import load_config
 from core_buffer.formats import ImageMetadata
-from core_buffer.ipc import image_metadata_address, make_socket
+from core_buffer.ipc import image_metadata_address, ipc_path, make_socket
 from core_buffer.ringbuffer import ImageBuffer, unlink
 
 BIN = os.path.dirname(sys.executable)
@@ -114,6 +114,9 @@ def replicate(workdir: str, modules: int, seconds: float, window: int) -> tuple[
         images.close()
         for cfg in (source, replica):
             unlink(f"{cfg.namespace}-{cfg.detector_name}-images")
+            path = ipc_path(image_metadata_address(cfg))
+            if path and os.path.exists(path):
+                os.unlink(path)
 
 
 def bare_zmq(nbytes: int, n: int) -> float:

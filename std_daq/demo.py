@@ -64,12 +64,13 @@ class ProgressBar:
         sys.stdout.flush()
 
 
-def wait_until_ready(config: DetectorConfig, launcher: Launcher, timeout_s: float = READY_TIMEOUT_S) -> list[str]:
+def wait_until_ready(config: DetectorConfig, launcher: Launcher, timeout_s: float = READY_TIMEOUT_S,
+                     skip: tuple[str, ...] = ()) -> list[str]:
     """Wait until every service answers on its metrics endpoint; returns the labels still down."""
     deadline = time.monotonic() + timeout_s
     down: list[str] = []
     while time.monotonic() < deadline:
-        down = [m.label for m in status_module.scrape(config) if m.values is None]
+        down = [m.label for m in status_module.scrape(config) if m.values is None and m.label not in skip]
         if not down:
             return []
         time.sleep(0.3)
@@ -169,7 +170,7 @@ def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
     try:
         say(f"  starting {len(specs)} services (logs: {log_path})")
         launcher.start()
-        down = wait_until_ready(config, launcher)
+        down = wait_until_ready(config, launcher, skip=() if has_broker else ("writer_agent",))
         if down:
             say(f"  these services did not come up: {', '.join(down)}; see {log_path}")
             return 1

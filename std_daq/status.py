@@ -28,8 +28,12 @@ def service_endpoints(config: DetectorConfig) -> list[tuple[str, str, tuple[str,
         endpoint = metrics_endpoint(config, "std_udp_recv", m)
         if endpoint:
             out.append((f"std_udp_recv-{m}", "std_udp_recv", endpoint))
-    for service in ("std_assembler", "std_stream_send", "std_stream_recv", "writer_agent", "std_h5_writer"):
-        endpoint = metrics_endpoint(config, service)
+    stream_send = config.sections.get("stream_send", {})
+    running = {"std_assembler": True, "std_stream_send": bool(stream_send.get("to") or stream_send.get("live")),
+               "std_stream_recv": bool(config.sections.get("stream_recv", {}).get("bind")),
+               "writer_agent": True, "std_h5_writer": True}
+    for service, configured in running.items():
+        endpoint = metrics_endpoint(config, service) if configured else None
         if endpoint:
             out.append((service, service, endpoint))
     return out
@@ -59,12 +63,13 @@ def scrape(config: DetectorConfig) -> list[ServiceMetrics]:
 # not have is left out.
 HEADLINE: dict[str, tuple[str, ...]] = {
     "std_udp_recv": ("frames", "incomplete_frames", "lost_packets", "duplicate_packets", "malformed_packets"),
-    "std_assembler": ("images", "images_incomplete", "images_missing_module", "images_mismatch",
+    "std_assembler": ("images", "images_missing_packets", "images_missing_module", "images_mismatch",
                       "images_dropped", "last_image_id"),
     "std_stream_send": ("images_sent", "images_dropped", "images_lost"),
     "std_stream_recv": ("images", "sequence_gaps"),
     "writer_agent": ("requests", "requests_succeeded", "requests_failed", "sequence_gaps"),
-    "std_h5_writer": ("state", "images_written", "images_lost", "last_written_id", "files"),
+    "std_h5_writer": ("writing", "images_written", "images_lost", "last_written_id", "files_finished",
+                      "files_failed"),
 }
 RATE_COUNTERS = {"frames", "images", "images_sent", "images_written", "bytes"}
 
