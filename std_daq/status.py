@@ -1,6 +1,7 @@
 """`std-daq status CONFIG`: one screen of pipeline health, read from the services' Prometheus endpoints."""
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ def scrape(config: DetectorConfig) -> list[ServiceMetrics]:
         prefix = f"std_daq_{service}_"
         try:
             text = urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S).read().decode()
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException: with nothing listening on a port in the ephemeral range, Linux can connect
+            # the socket to itself, and the "server" answers with our own request line.
             reason = getattr(exc, "reason", exc)
             results.append(ServiceMetrics(label, url, None, str(reason)))
             continue
