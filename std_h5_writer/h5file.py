@@ -59,7 +59,10 @@ class OutputFile:
         self.jungfrau = config.detector_type == "jungfrau"
         h, w = config.image_shape
         self.compressed = compression == "bitshuffle-lz4"
-        self.file = h5py.File(path, "w", libver="latest")  # the file exists already with its mode and owner
+        # The file exists already, with its mode and owner. The default (earliest) format has no "open for
+        # writing" flag in the superblock, so a file whose writer was killed opens as it was at its last flush
+        # (the latest format would refuse it until `h5clear -s`).
+        self.file = h5py.File(path, "w")
         f = self.file
         f.attrs.update({
             "detector_name": config.detector_name, "detector_type": config.detector_type,

@@ -11,12 +11,18 @@ then stop, and waits for the writer's final status; `request_progress` follows e
 it writes; the end is exactly one `request_success` (JSON summary) or `request_fail` (a reason). The
 delivery is acked when that final status is handed to the broker or, with the broker away, to the
 outbox. Prefetch 1 keeps the other requests waiting in the broker queue.
+
+The running request is also noted in a small file next to the ipc sockets; an agent that starts and
+finds one (its predecessor crashed or was killed -9) stops that run in the writer and ends the request
+with request_fail, so no request is left without a final status.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -64,7 +70,7 @@ class Delivery:
 class Job:
     """The running write."""
 
-    STARTING, WRITING, STOPPING = "starting", "writing", "stopping"
+    STARTING, WRITING, STOPPING, RECOVERING = "starting", "writing", "stopping", "recovering"
 
     def __init__(self, request: WriteRequest, delivery: Delivery, images: zmq.Socket) -> None:
         self.request, self.delivery, self.images = request, delivery, images
@@ -108,9 +114,12 @@ class WriterAgent:
         self.next_connect = 0.0
         self.backoff_s = 0.5
         self.outage_logged = False
+        self.inflight_path = os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-writer_agent"
+                                                          ".inflight.json")
         log.info("tag %r, broker %s, StoreStream on %s", self.settings.tag, broker.describe_url(self.url),
                  store_stream_address(config))
         self._connect()
+        self._recover()
 
     # --- broker ---------------------------------------------------------------------------------------
 
@@ -212,6 +221,53 @@ class WriterAgent:
         while len(self.killed) > KILLED_MEMORY:
             self.killed.popitem(last=False)
 
+    # --- a write in flight when the previous agent died ----------------------------------------------
+
+    def _remember(self, job: Job) -> None:
+        """Note the running request on disk, so an agent restarted after a crash can end it."""
+        r = job.request
+        record = {"request_id": r.request_id, "body": base64.b64encode(job.delivery.body).decode(),
+                  "output_file": r.output_file, "n_images": r.n_images, "run_id": r.run_id, "user_id": r.user_id}
+        tmp = self.inflight_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self.inflight_path)
+        except OSError as exc:
+            log.warning("cannot note the running request in %s (%s); a crash would leave it without a final "
+                        "status", self.inflight_path, exc)
+
+    def _forget(self) -> None:
+        try:
+            os.unlink(self.inflight_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self.inflight_path, exc)
+
+    def _recover(self) -> None:
+        """End the request the previous agent was running when it died: stop the writer's file and
+        publish request_fail, once the writer has closed it (or has not answered in writer_timeout_s)."""
+        try:
+            with open(self.inflight_path) as f:
+                record = json.load(f)
+            request = WriteRequest(str(record["request_id"]), str(record["output_file"]), int(record["n_images"]),
+                                   int(record["run_id"]), int(record["user_id"]), {})
+            body = base64.b64decode(record["body"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring the unreadable %s (%s)", self.inflight_path, exc)
+            self._forget()
+            return
+        log.warning("request %s was running when the previous writer_agent died; ending it", request.request_id)
+        images = make_socket(self.context, zmq.SUB, hwm=1)
+        job = Job(request, Delivery(-1, 0, request.request_id, body), images)
+        job.state = Job.RECOVERING
+        job.failure = "writer_agent restarted during the write (it had crashed or was killed)"
+        self.job = job
+        self.counters.busy = 1
+
     # --- requests -------------------------------------------------------------------------------------
 
     def _take(self, delivery: Delivery) -> None:
@@ -234,6 +290,7 @@ class WriterAgent:
         images.connect(image_metadata_address(self.config))
         self.job = Job(request, delivery, images)
         self.counters.busy = 1
+        self._remember(self.job)
         log.info("request %s: %d images to %s (run %d)", rid, request.n_images, request.output_file, request.run_id)
         self._send_start(self.job)
 
@@ -252,13 +309,15 @@ class WriterAgent:
     def _send_stop(self, job: Job) -> None:
         if job.state == Job.STOPPING:
             return
-        if job.state == Job.WRITING:  # a start went out: it gets exactly one stop
+        if job.state in (Job.WRITING, Job.RECOVERING):  # a start went out: it gets exactly one stop
             r = job.request
             try:
                 self.store.send(StoreStream(StoreOp.STOP, job.forwarded, r.n_images, r.user_id, r.run_id).encode(),
                                 zmq.NOBLOCK)
             except zmq.Again:
-                pass  # the writer is gone; its restart closed the run anyway
+                if job.state == Job.RECOVERING:
+                    return  # the writer has not reconnected to this new agent yet: tried again next turn
+                # otherwise the writer is gone; a restarted writer has no open run to stop
         job.state = Job.STOPPING
 
     def _serve_job(self, timeout_s: float) -> None:
@@ -273,6 +332,8 @@ class WriterAgent:
                 else:
                     time.sleep(min(timeout_s, 0.02))
                 return
+        if job.state == Job.RECOVERING:
+            self._send_stop(job)
         poller = zmq.Poller()
         poller.register(self.writer_status, zmq.POLLIN)
         if job.state == Job.WRITING:
@@ -352,6 +413,8 @@ class WriterAgent:
 
     def _writer_timeout(self, job: Job, reason: str) -> None:
         self.counters.writer_timeouts += 1
+        if job.failure:
+            reason = f"{job.failure}; {reason}"
         self._send_stop(job)
         self._end(job, None, reason)
 
@@ -380,6 +443,7 @@ class WriterAgent:
             log.warning("request %s failed: %s", r.request_id, reason)
             self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason)
         self._ack(job.delivery)
+        self._forget()
         job.images.close()
         self.job = None
         self.counters.busy = 0

@@ -3,6 +3,7 @@ std_udp_sim sends real UDP on loopback, writes go through the real RabbitMQ, fil
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,21 +28,36 @@ class Pipeline:
         self._log = open(self.log_path, "w", buffering=1)
         self.launcher: Launcher | None = None
         self.sims: list[subprocess.Popen] = []
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self, without: tuple[str, ...] = (), specs: list[ServiceSpec] | None = None) -> None:
         if specs is None:
             specs = [s for s in pipeline_services(str(self.config_path), self.config) if s.label not in without]
         self.launcher = Launcher(specs, output=self._log, cleanup=lambda: remove_buffers(self.config))
         self.launcher.start()
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        self._watcher = threading.Thread(target=self._watch, daemon=True)  # restarts crashed services
+        self._watcher.start()
+        self.wait_ready()
+
+    def _watch(self) -> None:
+        while not self._stop_watching.wait(0.2):
+            self.launcher.watch_once()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until every service of the pipeline answers on its metrics endpoint."""
+        labels = {c.spec.label for c in self.launcher.children}
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            labels = {s.label for s in specs}
             down = [m.label for m in status.scrape(self.config)
                     if m.values is None and _launcher_label(m.label) in labels]
             if not down:
                 return
             time.sleep(0.2)
-        raise AssertionError(f"services not up after {READY_TIMEOUT_S} s: {down}\n{self.log_tail()}")
+        raise AssertionError(f"services not up after {timeout_s} s: {down}\n{self.log_tail()}")
+
+    def pid(self, label: str) -> int:
+        return next(c.process.pid for c in self.launcher.children if c.spec.label == label)
 
     def metrics(self) -> dict[str, dict[str, float]]:
         return {m.label: m.values or {} for m in status.scrape(self.config)}
@@ -64,6 +80,9 @@ class Pipeline:
             except subprocess.TimeoutExpired:
                 sim.kill()
                 sim.wait()
+        self._stop_watching.set()
+        if self._watcher is not None:
+            self._watcher.join()
         if self.launcher is not None:
             self.launcher.stop()
             self.launcher = None
