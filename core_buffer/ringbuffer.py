@@ -125,13 +125,22 @@ class RingBuffer:
         path = "/" + self.name
         if create:
             try:
-                self._check_free_space()
-                shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=mode, size=self.layout.total_bytes)
-                os.fchmod(shm.fd, mode)  # the umask must not widen or narrow what the config asks for
-                self.created = True
-                return shm
+                shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=mode, size=0)
             except posix_ipc.ExistentialError:
                 pass  # somebody else created it: attach below
+            else:
+                # Only the creator needs the room; an attacher maps pages that already exist. The segment
+                # is sized after the check, so a refusal leaves nothing behind.
+                try:
+                    self._check_free_space()
+                    os.fchmod(shm.fd, mode)  # the umask must not widen or narrow what the config asks for
+                    os.ftruncate(shm.fd, self.layout.total_bytes)
+                except BaseException:
+                    shm.close_fd()
+                    shm.unlink()
+                    raise
+                self.created = True
+                return shm
         deadline = time.monotonic() + ATTACH_WAIT_S
         while True:
             try:
@@ -197,6 +206,7 @@ class RingBuffer:
     def _check_layout(self) -> None:
         found = read_header(self._mmap[:_HEADER.size])
         if found is None:
+            self._mmap.close()
             raise BufferLayoutError(f"shared-memory segment {self.name} has no std-daq header")
         layout, version = found
         if version != LAYOUT_VERSION or layout != self.layout or len(self._mmap) < layout.total_bytes:

@@ -150,12 +150,14 @@ def run(service: Service, stop: threading.Event, reporter: StatsReporter | None 
     while not stop.is_set():
         try:
             service.poll(poll_timeout_s)
+            if reporter is not None and reporter.due():
+                # Inside the guard: a statistics line that cannot be written (stdout gone with the
+                # launcher that read it) must not stop data taking.
+                reporter.report({**service.stats(), "loop_errors": errors})
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one bad step
             errors += 1
             throttle.log(service.name, exc)
             time.sleep(min(poll_timeout_s, 0.01))  # a fault that repeats at once must not spin a core
-        if reporter is not None and reporter.due():
-            reporter.report({**service.stats(), "loop_errors": errors})
     log.info("%s stopping", service.name)
     # Shutdown order: stop intake and finish in-flight work, then close outputs, then the last stats.
     try:
@@ -163,7 +165,10 @@ def run(service: Service, stop: threading.Event, reporter: StatsReporter | None 
     finally:
         service.close()
     if reporter is not None:
-        reporter.report({**service.stats(), "loop_errors": errors})
+        try:
+            reporter.report({**service.stats(), "loop_errors": errors})
+        except Exception as exc:  # noqa: BLE001 - the service is closed already; say why the line is missing
+            log.warning("%s: no final statistics line: %s", service.name, exc)
     log.info("%s stopped", service.name)
     return 0
 

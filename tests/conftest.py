@@ -17,7 +17,6 @@ import pytest
 from core_buffer import DetectorConfig, load_config
 from core_buffer.ringbuffer import SHM_DIR, unlink
 
-SHM_PREFIX = "std-daq"
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 
 # The console scripts live next to the interpreter running the tests (a venv's bin/); put them on PATH so
@@ -25,13 +24,13 @@ BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
-# Segments of the tests' own detectors (see the detector_name fixture); others on the machine (a running
-# pipeline, a benchmark) are none of the leak guard's business.
-_TEST_SEGMENT = re.compile(r"-t[0-9a-f]{10}-(frames|images)$")
+# Segments of the tests' own detectors (see the detector_name fixture), in any namespace (a replica's
+# included); others on the machine (a running pipeline, a benchmark) are none of the leak guard's business.
+_TEST_SEGMENT = re.compile(r"^[^/]+-t[0-9a-f]{10}-(frames|images)$")
 
 
 def _segments() -> set[str]:
-    return {name for name in os.listdir(SHM_DIR) if name.startswith(SHM_PREFIX) and _TEST_SEGMENT.search(name)}
+    return {name for name in os.listdir(SHM_DIR) if _TEST_SEGMENT.match(name)}
 
 
 def _children() -> list[psutil.Process]:

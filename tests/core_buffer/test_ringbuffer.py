@@ -144,6 +144,26 @@ def test_a_segment_that_was_never_initialised_is_refused_with_the_cleanup_comman
         ImageBuffer.for_config(config)
 
 
+def test_only_the_creator_needs_room_in_dev_shm(make_config, monkeypatch):
+    """A service attaching to a large existing segment must not be refused because the segment itself
+    fills /dev/shm; a creator that does not fit is refused and leaves no segment behind."""
+    from core_buffer import RingBufferError, ringbuffer
+
+    _, config = make_config()
+    name = f"std-daq-{config.detector_name}-images"
+    owner = ImageBuffer.for_config(config)
+    full = os.statvfs_result((4096, 4096, 1000, 0, 0, 1000, 0, 0, 0, 255))  # no block free
+    monkeypatch.setattr(ringbuffer.os, "statvfs", lambda path: full)
+    attached = ImageBuffer.for_config(config)
+    assert attached.layout == owner.layout
+    attached.close()
+    owner.close()
+    owner.unlink()
+    with pytest.raises(RingBufferError, match=f"{name} needs .* MiB but .* free"):
+        ImageBuffer.for_config(config)
+    assert name not in os.listdir(SHM_DIR)
+
+
 def test_processes_racing_to_create_end_up_sharing_one_segment(make_config):
     path, config = make_config(frame_buffer_slots=64, n_modules=4, image_pixel_height=2048)
     code = f"""

@@ -56,6 +56,24 @@ def test_the_loop_outlives_exceptions_and_shuts_down_in_order(caplog):
     assert sum("unexpected ValueError" in r.message for r in caplog.records) == 1
 
 
+class BrokenOut(io.StringIO):
+    """Standard output whose reader has gone (the launcher that piped it died)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_statistics_line_that_cannot_be_written_does_not_stop_the_loop(caplog):
+    stop = threading.Event()
+    service = FlakyService(stop, fail_every=10**6, stop_after=20)
+    reporter = StatsReporter("flaky", {"detector": "d"}, interval_s=0, out=BrokenOut())
+    assert run(service, stop, reporter, poll_timeout_s=0.001) == 0
+    assert service.counters.polls == 20  # every poll ran although every report failed
+    assert service.order == ["stop", "close"]
+    assert any("BrokenPipeError" in r.message for r in caplog.records)
+    assert any("no final statistics line" in r.message for r in caplog.records)
+
+
 def test_the_reporter_reports_rates_at_its_interval():
     now = [100.0]
     out = io.StringIO()
