@@ -6,13 +6,13 @@ receivers), so nothing upstream produces before its consumer listens; it stops t
 SIGKILL; and it removes the detector's shared-memory segments at the end.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only the launcher, which then
-stops them in order; and they get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG). A child that
+stops them in order; and they get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG, see
+`_DIE_WITH_PARENT`). A child that
 exits while the launcher is not stopping is restarted after a backoff that doubles from 1 s up to 30 s
 and resets once the child has run for 60 s.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -34,14 +34,32 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 15.0
 STAGE_SETTLE_S = 0.5  # pause between starting one stage and the next upstream one
-_PR_SET_PDEATHSIG = 1
+
+# Every child starts as this small program, which asks the kernel for SIGTERM when its parent dies and then
+# execs the service in place (same pid). Why not `preexec_fn`: it runs Python between fork and exec while
+# the launcher's log-reading threads may hold locks (the import lock, malloc's, ctypes' dlopen), and the
+# child can deadlock there; the subprocess docs call it unsafe with threads. Why not `setpriv --pdeathsig`:
+# util-linux is not in every image. The cost is one interpreter start-up (tens of ms) per (re)start.
+# The check of getppid closes the race where the launcher died before prctl took effect.
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so spawn from a thread that lives
+# as long as the launcher (run() spawns from its caller's thread).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass  # not Linux: the child outlives a launcher that is killed with SIGKILL\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)  # the launcher is already gone\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as exc:\n"
+    "    sys.exit(f'cannot start {sys.argv[2]}: {exc}')\n"
+)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def console_script(name: str) -> str:
@@ -109,9 +127,10 @@ class Launcher:
         stream.close()
 
     def _spawn(self, child: _Child) -> None:
-        child.process = subprocess.Popen(child.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+        # start_new_session: setsid() in the child, done by the C fork/exec code, not by Python.
+        child.process = subprocess.Popen(_with_parent_death_signal(child.spec.argv), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         child.started_at = time.monotonic()
         child.restart_at = None
         child.pump = threading.Thread(target=self._pump, args=(child.spec.label, child.process.stdout),

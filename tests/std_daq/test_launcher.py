@@ -1,10 +1,14 @@
 """The launcher's supervision, with small real child processes standing in for services."""
 import io
+import os
+import signal
+import subprocess
 import sys
 import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 
 from std_daq import launcher as launcher_module
@@ -99,3 +103,32 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
     assert time.monotonic() - started < 10
     assert "stubborn did not stop within 0.5 s; killing it" in out.getvalue()
     assert launcher.children[0].process.returncode == -9
+
+
+def test_children_are_stopped_when_the_launcher_itself_is_killed(tmp_path):
+    log = tmp_path / "events"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from std_daq.launcher import Launcher, ServiceSpec
+        launcher = Launcher([ServiceSpec("orphan", [sys.executable, "-c", {CHILD!r}, "orphan", {str(log)!r}], 0)])
+        launcher.start()  # says "started orphan (pid N)"
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        line = parent.stdout.readline()
+        assert "started orphan (pid " in line, line
+        child = psutil.Process(int(line.split("(pid ")[1].rstrip(")\n")))
+        assert wait_for(lambda: log.exists() and "start orphan" in log.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        child.wait(timeout=10)  # psutil.TimeoutExpired here: the child outlived its launcher
+        assert "stop orphan" in log.read_text()  # it got SIGTERM, a clean stop, not a kill
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+        if child is not None and child.is_running():  # no longer ours once orphaned: the leak guard misses it
+            child.kill()
