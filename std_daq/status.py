@@ -111,17 +111,36 @@ def summarise(first: list[ServiceMetrics], second: list[ServiceMetrics], interva
     return lines
 
 
-def writer_lag(second: list[ServiceMetrics]) -> int | None:
-    """Images the writer is behind the assembler (None when either does not say)."""
+def writer_lag(first: list[ServiceMetrics], second: list[ServiceMetrics]) -> int | None:
+    """Images the writer is behind the assembler while it writes a file; None when it is idle, has not
+    written an image between the two scrapes, or either service does not say.
+
+    last_written_id is the id of the last image the writer wrote, in this run or an earlier one, so it
+    measures the lag only while a run is on and writing: an idle writer is not behind, it has nothing to
+    do, and a run that has not written an image yet still shows the last run's id.
+    """
+    before = {m.label: m.values or {} for m in first}.get("std_h5_writer", {})
     values = {m.label: m.values or {} for m in second}
+    writer = values.get("std_h5_writer", {})
     last = values.get("std_assembler", {}).get("last_image_id")
-    written = values.get("std_h5_writer", {}).get("last_written_id")
-    if last is None or written is None or written <= 0:
+    written = writer.get("last_written_id")
+    if last is None or written is None or not writer.get("writing"):
         return None
-    return int(last - written)
+    if before.get("last_written_id") == written:
+        return None
+    return max(0, int(last - written))
 
 
-def format_status(config: DetectorConfig, lines: list[StatusLine], lag: int | None) -> str:
+def writer_state(second: list[ServiceMetrics]) -> str | None:
+    """"writing" or "idle" from the writer's own gauge; None when the writer did not answer."""
+    writer = {m.label: m.values for m in second}.get("std_h5_writer")
+    if writer is None or "writing" not in writer:
+        return None
+    return "writing" if writer["writing"] else "idle"
+
+
+def format_status(config: DetectorConfig, lines: list[StatusLine], lag: int | None,
+                  state: str | None = None) -> str:
     out = [f"std-daq status: detector {config.detector_name} ({config.detector_type}, "
            f"{config.n_modules} modules)"]
     if not lines:
@@ -133,8 +152,11 @@ def format_status(config: DetectorConfig, lines: list[StatusLine], lag: int | No
             continue
         body = "  ".join(f"{name.replace('_', ' ')} {text}" for name, text in line.fields)
         out.append(f"  {line.label:<{width}}  up    {body}")
-    if lag is not None:
-        out.append(f"  writer behind the assembler by {lag} images")
+    if state == "idle":
+        out.append("  writer idle (no file being written)")
+    elif state == "writing":
+        out.append("  writer writing, " + (f"{lag} images behind the assembler" if lag is not None
+                                             else "no image written between the two scrapes"))
     return "\n".join(out)
 
 
@@ -146,7 +168,8 @@ def run_status(config: DetectorConfig, interval_s: float = 1.0, watch: bool = Fa
             first = scrape(config)
             time.sleep(interval_s)
             second = scrape(config)
-            text = format_status(config, summarise(first, second, interval_s), writer_lag(second))
+            text = format_status(config, summarise(first, second, interval_s), writer_lag(first, second),
+                                 writer_state(second))
             if not watch:
                 print(text)
                 return 0 if second and all(m.values is not None for m in second) else 1
