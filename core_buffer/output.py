@@ -8,6 +8,8 @@ from typing import Iterable
 
 from core_buffer.errors import StdDaqError
 
+NAME_MAX = 255  # bytes in one file name on Linux file systems
+
 
 class OutputPathError(StdDaqError):
     """An output_file that must not or cannot be written; the message says why, for the person asking."""
@@ -23,6 +25,14 @@ def resolve_output_path(output_file: object, output_dirs: Iterable[str], overwri
         raise OutputPathError(f"output_file must be a non-empty string, got {output_file!r}")
     if "\x00" in output_file:
         raise OutputPathError("output_file contains a NUL byte")
+    try:
+        encoded_name = os.fsencode(os.path.basename(output_file))
+        os.fsencode(output_file)
+    except UnicodeEncodeError as exc:
+        raise OutputPathError(f"output_file has a character no file name can hold ({exc.reason})") from None
+    if len(encoded_name) > NAME_MAX:
+        raise OutputPathError(f"the file name of output_file is {len(encoded_name)} bytes long; at most "
+                              f"{NAME_MAX} are possible")
     if not os.path.isabs(output_file):
         raise OutputPathError(f"output_file must be an absolute path, got {output_file!r}")
     directory, name = os.path.split(output_file)

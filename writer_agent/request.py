@@ -63,6 +63,8 @@ def parse_request(request_id: str, body: bytes, *, output_dirs: tuple[str, ...],
         raise BadRequest(f"the request body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except ValueError as exc:
         raise BadRequest(f"the request body is not JSON ({exc})") from None
+    except RecursionError:  # a body of nothing but brackets, nested deeper than the parser recurses
+        raise BadRequest("the request body nests JSON arrays or objects too deeply") from None
     if not isinstance(parsed, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(parsed).__name__}")
     n_images = _int(parsed, "n_images", 1, min(max_images, MAX_U32))

@@ -31,6 +31,8 @@ def test_a_path_inside_an_allowed_directory_resolves(roots):
     (lambda a, o: f"{a}/../etc/run.h5", "is outside the allowed directories"),
     (lambda a, o: f"{o}/run.h5", "is outside the allowed directories"),
     (lambda a, o: f"{a}/missing/run.h5", "does not exist"),
+    (lambda a, o: f"{a}/\ud800.h5", "a character no file name can hold"),
+    (lambda a, o: f"{a}/{'x' * 253}.h5", "256 bytes long; at most 255"),
 ])
 def test_each_bad_path_gets_its_own_reason(roots, make_path, message):
     allowed, outside = roots
