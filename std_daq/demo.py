@@ -2,22 +2,27 @@
 
 It writes a runtime copy of the config (output directory, metrics ports) into the demo directory, starts
 every service with the launcher (their logs go to `services.log` there), sends simulated detector data
-with std_udp_sim, asks for a write of N images over RabbitMQ (or, with no broker, straight to
-std_h5_writer, and says so), shows the progress, then stops everything and prints a summary: images
+with std_udp_sim, asks for a write of N images over RabbitMQ (or, with no usable broker, straight to
+std_h5_writer, and says so and why: nothing listening, a refused login), shows the progress, then stops everything and prints a summary: images
 received and written, packets lost, rates, and the file, which it re-opens and checks pixel by pixel
 against the simulator's pattern.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -77,11 +82,67 @@ def wait_until_ready(config: DetectorConfig, launcher: Launcher, timeout_s: floa
     return down
 
 
-def broker_reachable() -> tuple[bool, str]:
-    from core_buffer.broker import broker_url, describe_url, reachable
+REPO_BROKER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ensure-broker.sh"
+LOCAL_BROKER = ("127.0.0.1", 5672)
 
-    url = broker_url()
-    return reachable(url), describe_url(url)
+
+@dataclass(frozen=True)
+class BrokerCheck:
+    usable: bool
+    where: str  # the URL without its password
+    problem: str = ""  # why it is not usable, for the user
+    hint: str = ""  # what to do about it
+
+
+def broker_start_command() -> str:
+    """The one command that starts a local broker, runnable from any directory: the repository's script
+    (by absolute path) in a source checkout, else the broker itself, else a container, else the package."""
+    if REPO_BROKER_SCRIPT.is_file():
+        return f"bash {shlex.quote(str(REPO_BROKER_SCRIPT))}"
+    if shutil.which("rabbitmq-server"):
+        return "rabbitmq-server -detached"
+    if shutil.which("docker"):
+        return "docker run -d --name rabbitmq -p 127.0.0.1:5672:5672 rabbitmq:3-management"
+    return "sudo apt-get install rabbitmq-server   (Debian/Ubuntu start it on installation)"
+
+
+def check_broker() -> BrokerCheck:
+    """Whether a write can go through RabbitMQ: a real AMQP login, not only an open port, so that a wrong
+    password or vhost is found here and explained, not as a traceback halfway through the demo."""
+    import pika
+
+    from core_buffer.broker import broker_url, connect, describe_url, reachable
+    from core_buffer.errors import StdDaqError
+
+    try:
+        url = broker_url()
+    except StdDaqError as exc:
+        return BrokerCheck(False, "?", str(exc), "fix STD_DAQ_BROKER_URL or STD_DAQ_BROKER_URL_FILE")
+    where = describe_url(url)
+    if not reachable(url):
+        hint = f"start one with:  {broker_start_command()}"
+        parts = urllib.parse.urlsplit(url)
+        if (parts.hostname, parts.port or 5672) != LOCAL_BROKER:
+            hint += (f"\n    (that starts a broker on {LOCAL_BROKER[0]}:{LOCAL_BROKER[1]}; unset "
+                     "STD_DAQ_BROKER_URL to use it)")
+        return BrokerCheck(False, where, "nothing answers there", hint)
+    try:
+        connect(url, connection_name="std-daq demo (broker check)").close()
+    except pika.exceptions.ProbableAuthenticationError:
+        return BrokerCheck(False, where, "it refused the login",
+                           "check the user and password in STD_DAQ_BROKER_URL")
+    except pika.exceptions.ProbableAccessDeniedError:
+        return BrokerCheck(False, where, "it refused access to the virtual host",
+                           "check the vhost (the path) in STD_DAQ_BROKER_URL")
+    except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
+        return BrokerCheck(False, where, f"no AMQP session ({type(exc).__name__}: {exc})",
+                           "check that it is a RabbitMQ broker and that it is running")
+    return BrokerCheck(True, where)
+
+
+def write_timeout_s(n_images: int, rate_hz: float) -> float:
+    """Generous: three times the time the simulator takes to send the images, plus start-up."""
+    return 30.0 + 3.0 * n_images / max(rate_hz, 1e-3)
 
 
 @dataclass
@@ -92,27 +153,40 @@ class WriteOutcome:
     n_written: int
 
 
-def write_via_broker(config: DetectorConfig, output_file: str, n_images: int) -> WriteOutcome:
-    from std_daq.client import send_write_and_wait
+def write_via_broker(config: DetectorConfig, output_file: str, n_images: int, timeout_s: float) -> WriteOutcome:
+    import pika
 
+    from std_daq.client import RequestTimeout, send_write_and_wait
+
+    via = "RabbitMQ -> writer_agent -> std_h5_writer"
     bar = ProgressBar(n_images)
-    result = send_write_and_wait(config.detector_name, output_file, n_images, progress=bar, timeout_s=120)
+    try:
+        result = send_write_and_wait(config.detector_name, output_file, n_images, progress=bar,
+                                     timeout_s=timeout_s)
+    except RequestTimeout as exc:
+        say()
+        return WriteOutcome(False, via, f"{exc} (is writer_agent connected to the broker? see its log)",
+                            max(bar.last, 0))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        say()
+        return WriteOutcome(False, via, f"the broker connection failed: {type(exc).__name__}: {exc}",
+                            max(bar.last, 0))
     bar(n_images if result.ok else bar.last)
-    return WriteOutcome(result.ok, "RabbitMQ -> writer_agent -> std_h5_writer", result.message,
-                        result.n_written)
+    return WriteOutcome(result.ok, via, result.message, result.n_written)
 
 
-def write_direct(config: DetectorConfig, output_file: str, n_images: int) -> WriteOutcome:
+def write_direct(config: DetectorConfig, output_file: str, n_images: int, timeout_s: float) -> WriteOutcome:
     from std_daq.direct_write import DirectWriteError
     from std_daq.direct_write import write_direct as send
 
     bar = ProgressBar(n_images)
     try:
-        final = send(config, output_file, n_images, progress=bar)
+        final = send(config, output_file, n_images, timeout_s=timeout_s, progress=bar)
     except DirectWriteError as exc:
         say()
         return WriteOutcome(False, "direct to std_h5_writer", str(exc), 0)
-    say()
+    if bar.last < n_images:
+        say()  # end the progress line
     ok = final.state.value == "finished"
     return WriteOutcome(ok, "direct to std_h5_writer", final.error or "finished", final.n_written)
 
@@ -145,21 +219,50 @@ def _total(metrics: list[status_module.ServiceMetrics], label_prefix: str, name:
     return sum((m.values or {}).get(name, 0) for m in metrics if m.label.startswith(label_prefix))
 
 
+def demo_lock(config: DetectorConfig) -> IO[str] | None:
+    """An exclusive lock for one demo at a time on this machine (None: another demo holds it). Two demos
+    would share the bundled config's buffers, ipc sockets and ports, and the first to finish would remove
+    the other's shared memory. The kernel drops the lock when the process ends, however it ends."""
+    path = os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-demo.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
              workdir: str | None = None) -> int:
     root = Path(workdir or "std-daq-demo").resolve()
     root.mkdir(parents=True, exist_ok=True)
     config_path, config = demo_config(root)
+    lock = demo_lock(config)
+    if lock is None:
+        say(f"std-daq demo: another std-daq demo is running on this machine (detector {config.detector_name}); "
+            "wait for it to finish")
+        return 1
+    try:
+        return _run_demo(config_path, config, root, n_images, rate_hz)
+    except KeyboardInterrupt:
+        say("\nstd-daq demo: interrupted; the services are stopped and their shared memory removed")
+        return 130
+    finally:
+        lock.close()
+
+
+def _run_demo(config_path: str, config: DetectorConfig, root: Path, n_images: int, rate_hz: float) -> int:
     say(f"std-daq demo: a {config.n_modules}-module Jungfrau ({config.image_pixel_height} x "
         f"{config.image_pixel_width} px) simulated at {rate_hz:g} Hz on this machine")
-    has_broker, where = broker_reachable()
-    if has_broker:
-        say(f"  RabbitMQ at {where}: the write request goes through it, as from a beamline control system")
+    broker = check_broker()
+    if broker.usable:
+        say(f"  RabbitMQ at {broker.where}: the write request goes through it, as from a beamline control system")
     else:
-        say(f"  no RabbitMQ at {where}. Start one with:  bash scripts/ensure-broker.sh")
-        say("  Going on without it: the write goes straight to std_h5_writer (no writer_agent).")
+        say(f"  no usable RabbitMQ at {broker.where}: {broker.problem}; {broker.hint}")
+        say("  Going on without it: the write goes straight to std_h5_writer (no RabbitMQ, no writer_agent).")
     specs = pipeline_services(config_path, config)
-    if not has_broker:
+    if not broker.usable:
         specs = [s for s in specs if s.label != "writer_agent"]
     log_path = root / "services.log"
     log_file = open(log_path, "w", buffering=1)
@@ -167,10 +270,11 @@ def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
     launcher.cleanup = lambda: remove_buffers(config)
     sim: subprocess.Popen | None = None
     started = time.monotonic()
+    timeout_s = write_timeout_s(n_images, rate_hz)
     try:
         say(f"  starting {len(specs)} services (logs: {log_path})")
         launcher.start()
-        down = wait_until_ready(config, launcher, skip=() if has_broker else ("writer_agent",))
+        down = wait_until_ready(config, launcher, skip=() if broker.usable else ("writer_agent",))
         if down:
             say(f"  these services did not come up: {', '.join(down)}; see {log_path}")
             return 1
@@ -181,10 +285,10 @@ def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
         output_file = str(root / time.strftime("demo-%Y%m%d-%H%M%S.h5"))
         say(f"  asking for {n_images} images in {output_file}")
         write_started = time.monotonic()
-        if has_broker:
-            outcome = write_via_broker(config, output_file, n_images)
+        if broker.usable:
+            outcome = write_via_broker(config, output_file, n_images, timeout_s)
         else:
-            outcome = write_direct(config, output_file, n_images)
+            outcome = write_direct(config, output_file, n_images, timeout_s)
         write_s = time.monotonic() - write_started
         metrics = status_module.scrape(config)
     finally:
@@ -195,6 +299,8 @@ def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
             except subprocess.TimeoutExpired:
                 sim.kill()
                 sim.wait()
+        # In a thread of its own so that a second Ctrl-C cannot cut the ordered stop short: the
+        # interpreter waits for the (non-daemon) thread before it exits.
         stopper = threading.Thread(target=launcher.stop)
         stopper.start()
         stopper.join()

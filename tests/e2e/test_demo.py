@@ -1,0 +1,113 @@
+"""`std-daq demo`, the README's main job, as a newcomer runs it: the installed console script, from a
+directory that is not the repository, with and without a broker."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401 - the demo's file may use the registered filters
+import psutil
+import pytest
+
+from core_buffer.ringbuffer import SHM_DIR
+from std_daq import demo
+
+N_IMAGES = 20
+DEMO_DETECTOR = "demo-JF2"  # the bundled config's detector_name
+
+
+def run_demo(workdir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    std_daq = shutil.which("std-daq")
+    assert std_daq, "the std-daq console script is not installed (pip install -e .)"
+    result = subprocess.run([std_daq, "demo", "--images", str(N_IMAGES), "--rate", "50", "--dir", str(workdir)],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=150)
+    print(result.stdout, result.stderr)  # shown by pytest when an assertion fails
+    return result
+
+
+def written_file(stdout: str) -> Path:
+    match = re.search(r"^  file: +(\S+\.h5) \(", stdout, re.M)
+    assert match, "the summary names no file"
+    return Path(match.group(1))
+
+
+def assert_nothing_left_behind() -> None:
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"std-daq-{DEMO_DETECTOR}-")]
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("demo-config.json" in part for part in proc.info["cmdline"] or ()):
+            left.append(proc)
+    assert not left, f"demo services still running: {[p.pid for p in left]}"
+
+
+@pytest.mark.broker
+def test_demo_writes_through_the_broker_and_rechecks_the_file(broker_url, tmp_path):
+    result = run_demo(tmp_path, {**os.environ, "STD_DAQ_BROKER_URL": broker_url})
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr
+    assert "write path:        RabbitMQ -> writer_agent -> std_h5_writer" in result.stdout
+    assert f"images written:    {N_IMAGES} of {N_IMAGES}" in result.stdout
+    assert (f"re-opened:         {N_IMAGES} images, {N_IMAGES} equal to the simulator's pattern pixel for pixel"
+            in result.stdout)
+    path = written_file(result.stdout)
+    assert path.parent == tmp_path
+    with h5py.File(path, "r") as f:
+        assert f["entry/data/data"].shape == (N_IMAGES, 1024, 1024)
+        assert not f[f"{DEMO_DETECTOR}/status"][:].any()
+    assert_nothing_left_behind()
+
+
+def closed_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the with block ends; nothing listens there
+
+
+def test_demo_without_a_broker_says_so_and_writes_straight_to_the_writer(tmp_path):
+    url = f"amqp://guest:guest@127.0.0.1:{closed_local_port()}/%2F"
+    result = run_demo(tmp_path, {**os.environ, "STD_DAQ_BROKER_URL": url})
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr
+    assert "no usable RabbitMQ" in result.stdout and "nothing answers there" in result.stdout
+    assert "the write goes straight to std_h5_writer (no RabbitMQ, no writer_agent)" in result.stdout
+    assert "write path:        direct to std_h5_writer" in result.stdout
+    # The one command that starts a broker works from here, a directory outside the repository.
+    hint = re.search(r"start one with:  (.+)$", result.stdout, re.M)
+    assert hint, "no command to start a broker"
+    command = shlex.split(hint.group(1).split("   (")[0])
+    assert shutil.which(command[0]), f"{command[0]} is not a command on this machine"
+    for arg in command[1:]:
+        if arg.endswith(".sh"):
+            assert Path(arg).is_absolute() and Path(arg).is_file(), f"{arg} does not exist from {tmp_path}"
+    with h5py.File(written_file(result.stdout), "r") as f:
+        assert f["entry/data/data"].shape[0] == N_IMAGES
+    assert f"re-opened:         {N_IMAGES} images, {N_IMAGES} equal" in result.stdout
+    assert_nothing_left_behind()
+
+
+@pytest.mark.broker
+def test_a_refused_broker_login_is_explained_and_not_raised(broker_url, monkeypatch):
+    monkeypatch.setenv("STD_DAQ_BROKER_URL", broker_url.replace("guest:guest@", "guest:wrong-password@"))
+    check = demo.check_broker()
+    assert not check.usable
+    assert check.problem == "it refused the login"
+    assert "wrong-password" not in check.where
+
+
+def test_a_broker_write_that_times_out_is_a_failed_write_not_a_traceback(make_config, monkeypatch):
+    from std_daq import client
+
+    def never_answered(*_args, **_kwargs):
+        raise client.RequestTimeout("request 1234: no final status within 5 s (received: request_start)")
+
+    monkeypatch.setattr(client, "send_write_and_wait", never_answered)
+    _, config = make_config()
+    outcome = demo.write_via_broker(config, "/nowhere/x.h5", 10, timeout_s=5)
+    assert not outcome.ok
+    assert "no final status within 5 s" in outcome.detail and "writer_agent" in outcome.detail
