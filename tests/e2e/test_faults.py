@@ -112,3 +112,43 @@ def test_a_receiver_that_falls_behind_loses_counted_packets_and_no_wrong_pixel(
     assert_no_wrong_pixel(config, data, ids, statuses)  # ... and not as wrong pixels
     metrics = pipe.metrics()
     assert metrics["std_udp_recv-1"]["lost_packets"] > 0 or metrics["std_assembler"]["images_missing_module"] > 0
+
+
+def test_a_broker_restart_during_a_write_loses_neither_the_data_nor_the_final_status(
+        pipeline_config, pipelines, client, broker_url, tmp_path):
+    """RabbitMQ's application is stopped and started again mid-write: the data path never needed it, so the
+    file is complete; the agent reconnects with backoff and publishes the final status it owes."""
+    import shutil
+    import subprocess
+
+    from tests.e2e.protocol_client import ProtocolClient
+
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed (the broker runs elsewhere)")
+    path, config = pipeline_config(writer_agent={"reconnect_max_s": 1.0})
+    pipe = pipelines(path, config)
+    pipe.simulate("--rate", "50", "--n-images", "forever")
+    out = tmp_path / "out" / "restart.h5"
+    request_id = write(client, config, out, 500)  # 10 s at 50 Hz: it outlasts the restart
+    client.wait(request_id, timeout_s=30, until="request_progress")
+    try:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+    client.close()
+    deadline = time.monotonic() + 60
+    while True:  # a new client, as soon as the broker takes connections again
+        try:
+            again = ProtocolClient(broker_url)
+            break
+        except Exception:  # noqa: BLE001 - pika's connection errors while the broker boots
+            assert time.monotonic() < deadline, "the broker did not come back"
+            time.sleep(0.5)
+    try:
+        outcome = again.wait(request_id, timeout_s=60)
+    finally:
+        again.close()
+    assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
+    data, ids, statuses, attrs = read(out, config.detector_name)
+    assert attrs["state"] == "complete" and data.shape[0] == 500
+    assert_no_wrong_pixel(config, data, ids, statuses)
