@@ -42,7 +42,9 @@ STAGE_SETTLE_S = 0.5  # pause between starting one stage and the next upstream o
 # util-linux is not in every image. The cost is one interpreter start-up (tens of ms) per (re)start.
 # The check of getppid closes the race where the launcher died before prctl took effect.
 # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so spawn from a thread that lives
-# as long as the launcher (run() spawns from its caller's thread).
+# as long as the launcher (run() spawns from its caller's thread). When the whole launcher is killed, the
+# kernel re-parents the child to each remaining launcher thread in turn and signals it every time, so a
+# child can get several SIGTERMs in quick succession: a service's handler must be safe to re-enter.
 _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "try:\n"

@@ -1,0 +1,115 @@
+"""`std-daq up CONFIG` as an operator runs it: the console script as a process of its own, a service
+killed under it, then SIGTERM to the launcher."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from core_buffer.ringbuffer import SHM_DIR
+from std_daq import status
+from tests.conftest import free_tcp_port_block
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0  # a safety limit: every service stops well within its 15 s grace period
+
+
+class Output:
+    """The launcher's output, read line by line in a thread so the pipe never fills."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout_s: float = READY_TIMEOUT_S) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.text())
+            if match:
+                return match
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern!r} in the launcher's output:\n{self.text()[-4000:]}")
+
+    def join(self) -> None:
+        self._thread.join(timeout=10)
+
+
+def wait_until_up(config, output: Output, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        down = [m.label for m in status.scrape(config) if m.values is None]
+        if not down:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"services not answering after {timeout_s} s: {down}\n{output.text()[-6000:]}")
+
+
+@pytest.mark.broker
+def test_up_restarts_a_killed_service_and_stops_everything_cleanly_on_sigterm(make_config, broker_url, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config_path, config = make_config(output_dirs=[str(out)], frame_buffer_slots=32, image_buffer_slots=64,
+                                      metrics={"host": "127.0.0.1", "base_port": free_tcp_port_block(12)})
+    segments = [Path(SHM_DIR) / f"{config.namespace}-{config.detector_name}-{kind}" for kind in ("frames", "images")]
+    std_daq = shutil.which("std-daq")
+    assert std_daq, "the std-daq console script is not installed (pip install -e .)"
+    up = subprocess.Popen([std_daq, "up", str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, text=True, env={**os.environ, "STD_DAQ_BROKER_URL": broker_url})
+    output = Output(up.stdout)
+    try:
+        wait_until_up(config, output)
+        deadline = time.monotonic() + READY_TIMEOUT_S  # a service creates its segment as it starts its loop
+        while not all(seg.exists() for seg in segments) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(seg.exists() for seg in segments), [str(seg) for seg in segments if not seg.exists()]
+
+        killed = int(output.wait_for(r"started assembler \(pid (\d+)\)").group(1))
+        os.kill(killed, signal.SIGKILL)
+        output.wait_for(r"assembler exited with code -9; restarting in")
+        restarted = int(output.wait_for(r"restarted assembler \(pid (\d+), restart 1\)").group(1))
+        assert restarted != killed
+        wait_until_up(config, output)  # the new assembler answers on the same metrics endpoint
+
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert {restarted} <= {c.pid for c in children}
+        assert len(children) == 4  # udp_recv-0, assembler, writer_agent, h5_writer
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=STOP_TIMEOUT_S) == 0
+        output.join()
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"services left running: {[p.pid for p in alive]}"
+        assert not any(seg.exists() for seg in segments)
+        text = output.text()
+        stops = [text.index(f"stopped {label} (exit code 0)")
+                 for label in ("udp_recv-0", "assembler", "writer_agent", "h5_writer")]
+        assert stops == sorted(stops), text  # receivers first, the writer last
+        assert f"removed shared memory: {segments[0].name}, {segments[1].name}" in text
+    finally:
+        if up.poll() is None:  # the test failed before the stop: still stop cleanly, then make sure
+            up.terminate()
+            try:
+                up.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        up.stdout.close()
