@@ -78,6 +78,51 @@ def test_compose_runs_one_receiver_per_module_of_its_config():
     assert config.ipc_dir == "/run/std-daq"
 
 
+def test_all_services_run_as_one_user_the_images_by_default_who_owns_the_ipc_dir():
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    services = [svc for svc in compose["services"].values() if "command" in svc]
+    users = {svc.get("user") for svc in services}
+    assert len(users) == 1 and None not in users, f"the services run as different users: {users}"
+    user = users.pop()
+    uid = re.fullmatch(r"\$\{(\w+):-(\d+)\}:\$\{(\w+):-(\d+)\}", user)
+    assert uid, user
+    base = (DOCKER / "std-daq-service-base" / "Dockerfile").read_text()
+    assert f"--uid {uid.group(2)} " in base and f"--gid {uid.group(4)} " in base  # the image's std-daq user
+    ipc_options = compose["volumes"]["std-daq-ipc"]["driver_opts"]["o"]
+    assert f"uid=${{{uid.group(1)}:-{uid.group(2)}}}" in ipc_options
+    assert f"gid=${{{uid.group(3)}:-{uid.group(4)}}}" in ipc_options
+
+
+def test_the_writer_writes_into_an_existing_bind_mounted_data_dir():
+    from core_buffer import load_config
+
+    config = load_config(DOCKER / "detector.json")
+    writer = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]["std-h5-writer"]
+    binds = [v for v in writer["volumes"] if isinstance(v, dict) and v["type"] == "bind"]
+    assert [b["target"] for b in binds] == list(config.output_dirs)
+    # Docker would otherwise create a missing source as a root-owned directory the writer cannot write to.
+    assert all(b["bind"]["create_host_path"] is False for b in binds)
+
+
+def test_compose_stops_the_receivers_first_and_the_writer_last():
+    services = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]
+
+    def needs(name: str, other: str) -> bool:  # compose starts `other` first and stops it after `name`
+        todo = list(services[name].get("depends_on", []))
+        while todo:
+            dep = todo.pop()
+            if dep == other:
+                return True
+            todo.extend(services[dep].get("depends_on", []))
+        return False
+
+    receivers = [n for n, svc in services.items() if svc.get("command", [""])[0] == "std_udp_recv"]
+    for receiver in receivers:
+        assert needs(receiver, "std-assembler")
+    assert needs("std-assembler", "writer-agent") and needs("writer-agent", "std-h5-writer")
+    assert needs("writer-agent", "rabbitmq")
+
+
 def test_base_image_installs_exactly_the_runtime_dependencies():
     dockerfile = (DOCKER / "std-daq-service-base" / "Dockerfile").read_text()
     installed = re.findall(r'^\s+"([^"]+)" \\$', dockerfile, re.M)
