@@ -8,7 +8,9 @@
         result = daq.wait(request_id, timeout_s=30)
 
 The client binds its status queue before it publishes, so it never misses the statuses of its own
-requests; statuses of other requests that arrive meanwhile are kept for a later `wait`.
+requests; statuses of other requests that arrive meanwhile are kept for a later `wait`. Errors:
+NoAgentError (nothing serves the tag; raised by submit and kill), RequestNotTaken and RequestTimeout
+(raised by wait), all DaqClientError.
 """
 from __future__ import annotations
 
@@ -65,30 +67,75 @@ def progress_of(status: StatusMessage) -> tuple[int, int]:
 
 
 RECEIVED_MAX = 100_000
+START_TIMEOUT_S = 5.0  # default: how long a request may wait for request_start while its agent is idle
 
 
-class RequestTimeout(TimeoutError):
+class DaqClientError(Exception):
+    """Base of the client's own errors."""
+
+
+class NoAgentError(DaqClientError):
+    """Nothing on the broker serves the tag: the request (or kill) was returned, not queued."""
+
+
+class RequestTimeout(DaqClientError, TimeoutError):
     pass
 
 
+class RequestNotTaken(RequestTimeout):
+    """No request_start came although the agent of the tag was not busy with another request."""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
+
+
 class DaqClient:
-    def __init__(self, url: str | None = None, *, name: str = "std-daq client") -> None:
+    """Write requests and kills out, statuses in, over one RabbitMQ connection (not thread-safe).
+
+    Requests and kills are published with `mandatory` and publisher confirms: when nothing is bound to
+    the tag (no writer_agent serves it), `submit` and `kill` raise NoAgentError at once instead of the
+    broker dropping the message. A request can still be lost after it was queued (the agent's connection
+    broke while it waited: its exclusive queue goes with it), so `wait` raises RequestNotTaken when no
+    request_start arrives within `start_timeout_s` while the tag's agent is not visibly busy with
+    another request (writer_agent's statuses carry a `tag` header for this; the clock restarts when the
+    request it was busy with ends).
+    """
+
+    def __init__(self, url: str | None = None, *, name: str = "std-daq client",
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.url = url or broker.broker_url()
+        self.start_timeout_s = start_timeout_s
         self.connection = broker.connect(self.url, connection_name=name)
         self.channel = self.connection.channel()
         broker.declare_exchanges(self.channel)
+        self.channel.confirm_delivery()  # a returned mandatory message then raises UnroutableError
         self.queue = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
         self.channel.queue_bind(queue=self.queue, exchange=broker.STATUS_EXCHANGE)
         # Statuses not yet asked for; bounded, so a client that never waits does not grow without end.
         self.received: collections.deque[StatusMessage] = collections.deque(maxlen=RECEIVED_MAX)
+        self.submitted: dict[str, tuple[str, float]] = {}  # request id -> (tag, when), for the start check
+        self.busy: dict[str, set[str]] = collections.defaultdict(set)  # tag -> requests started, not ended
+        self.idle_since: dict[str, float] = {}  # tag -> when its agent last ended a request
+        self.tag_news: dict[str, float] = {}  # tag -> when any status of it last arrived
         self.channel.basic_consume(queue=self.queue, auto_ack=True, on_message_callback=self._on_status)
 
     def _on_status(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
-        self.received.append(StatusMessage.from_delivery(properties, body))
+        status = StatusMessage.from_delivery(properties, body)
+        self.received.append(status)
+        tag = _text((properties.headers or {}).get("tag"))
+        if tag:
+            now = time.monotonic()
+            self.tag_news[tag] = now
+            if status.action in broker.FINAL_ACTIONS:
+                self.busy[tag].discard(status.request_id)
+                self.idle_since[tag] = now
+            else:
+                self.busy[tag].add(status.request_id)
 
     def submit(self, output_file: str, n_images: int, *, tag: str, run_id: int | None = None,
                user_id: int | None = None, **extra: Any) -> str:
-        """Publish a write request; returns its request id at once."""
+        """Publish a write request; returns its request id at once. NoAgentError if no agent serves `tag`."""
         body: dict[str, Any] = {**extra, "output_file": output_file, "n_images": n_images}
         if run_id is not None:
             body["run_id"] = run_id
@@ -98,14 +145,24 @@ class DaqClient:
 
     def submit_raw(self, body: bytes, *, tag: str) -> str:
         request_id = str(uuid.uuid4())
-        self.channel.basic_publish(exchange=broker.REQUEST_EXCHANGE, routing_key=tag, body=body,
-                                   properties=pika.BasicProperties(correlation_id=request_id,
-                                                                   content_type="application/json"))
+        self._publish(broker.REQUEST_EXCHANGE, tag, body, request_id,
+                      f"no writer_agent serves tag {tag!r}: the request was returned by the broker "
+                      "(is writer_agent running for this detector, and connected?)")
+        self.submitted[request_id] = (tag, time.monotonic())
         return request_id
 
     def kill(self, request_id: str, *, tag: str) -> None:
-        self.channel.basic_publish(exchange=broker.KILL_EXCHANGE, routing_key=tag, body=b"",
-                                   properties=pika.BasicProperties(correlation_id=request_id))
+        """Ask the agent of `tag` to stop `request_id`. NoAgentError if no agent serves `tag`."""
+        self._publish(broker.KILL_EXCHANGE, tag, b"", request_id,
+                      f"no writer_agent serves tag {tag!r}: the kill was returned by the broker")
+
+    def _publish(self, exchange: str, tag: str, body: bytes, request_id: str, unroutable: str) -> None:
+        try:
+            self.channel.basic_publish(exchange=exchange, routing_key=tag, body=body, mandatory=True,
+                                       properties=pika.BasicProperties(correlation_id=request_id,
+                                                                       content_type="application/json"))
+        except pika.exceptions.UnroutableError:
+            raise NoAgentError(unroutable) from None
 
     def statuses(self, timeout_s: float | None = None) -> Iterator[StatusMessage]:
         """Every status on the exchange as it arrives, until `timeout_s` passes without one (None: forever)."""
@@ -119,22 +176,46 @@ class DaqClient:
             self.connection.process_data_events(time_limit=0.1)
 
     def wait(self, request_id: str, timeout_s: float | None = None,
-             on_status: Callable[[StatusMessage], None] | None = None) -> RequestResult:
-        """Collect the statuses of `request_id` until its final one; RequestTimeout after `timeout_s`."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+             on_status: Callable[[StatusMessage], None] | None = None, *,
+             idle_timeout_s: float | None = None, start_timeout_s: float | None = None) -> RequestResult:
+        """Collect the statuses of `request_id` until its final one.
+
+        RequestTimeout after `timeout_s` in all, or after `idle_timeout_s` without news of the request (while
+        it waits for its turn, any status of its tag counts as news). For a request submitted by this
+        client, RequestNotTaken when no request_start arrived `start_timeout_s` (default: the client's)
+        after it could have been taken."""
+        now = time.monotonic()
+        deadline = None if timeout_s is None else now + timeout_s
+        start_limit = self.start_timeout_s if start_timeout_s is None else start_timeout_s
+        tag, submitted_at = self.submitted.get(request_id, (None, None))
+        last_news = now
         seen: list[StatusMessage] = []
         while True:
             for status in [s for s in self.received if s.request_id == request_id]:
                 self.received.remove(status)
                 seen.append(status)
+                last_news = time.monotonic()
                 if on_status is not None:
                     on_status(status)
                 if status.action in broker.FINAL_ACTIONS:
+                    self.submitted.pop(request_id, None)
                     return RequestResult(request_id, status.action, status.message, seen)
-            if deadline is not None and time.monotonic() > deadline:
-                actions = ", ".join(s.action for s in seen) or "nothing"
+            now = time.monotonic()
+            actions = ", ".join(s.action for s in seen) or "nothing"
+            if deadline is not None and now > deadline:
                 raise RequestTimeout(f"request {request_id}: no final status within {timeout_s:g} s "
                                      f"(received: {actions})")
+            started = any(s.action == broker.REQUEST_START for s in seen)
+            if tag is not None and not started:
+                last_news = max(last_news, self.tag_news.get(tag, 0.0))
+                if not self.busy.get(tag) and now - max(submitted_at, self.idle_since.get(tag, 0.0)) > start_limit:
+                    raise RequestNotTaken(
+                        f"request {request_id}: no writer_agent took it within {start_limit:g} s although the "
+                        f"agent of tag {tag!r} was not busy (received: {actions}); it was lost (the agent's "
+                        "broker connection broke while it was queued) or the agent is stuck; send it again")
+            if idle_timeout_s is not None and now - last_news > idle_timeout_s:
+                raise RequestTimeout(f"request {request_id}: no news of it for {idle_timeout_s:g} s "
+                                     f"(received: {actions}); it may still finish (std-daq monitor shows it)")
             self.connection.process_data_events(time_limit=0.05)
 
     def write(self, output_file: str, n_images: int, *, tag: str, timeout_s: float | None = None,
@@ -159,11 +240,15 @@ class DaqClient:
 def send_write_and_wait(tag: str, output_file: str, n_images: int, *,
                         progress: Callable[[int, int], None] | None = None,
                         timeout_s: float | None = None, url: str | None = None) -> RequestResult:
-    """One write through the broker, reporting (written, asked for) to `progress` as it goes."""
+    """One write through the broker, reporting (written, asked for) to `progress` as it goes. A request
+    that no agent takes comes back as a failed result; RequestTimeout if no final status in `timeout_s`."""
 
     def on_status(status: StatusMessage) -> None:
         if progress is not None and status.action == broker.REQUEST_PROGRESS:
             progress(*progress_of(status))
 
     with DaqClient(url) as daq:
-        return daq.write(output_file, n_images, tag=tag, timeout_s=timeout_s, on_status=on_status)
+        try:
+            return daq.write(output_file, n_images, tag=tag, timeout_s=timeout_s, on_status=on_status)
+        except (NoAgentError, RequestNotTaken) as exc:  # nobody took it: a failed write, not a crash
+            return RequestResult("", broker.REQUEST_FAIL, str(exc))

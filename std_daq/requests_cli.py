@@ -1,7 +1,8 @@
 """`std-daq write`, `std-daq kill` and `std-daq monitor`: the operator's side of the RabbitMQ protocol.
 
 The tag (routing key) is the detector name: `--tag DET`, or $STD_DAQ_TAG. The broker is $STD_DAQ_BROKER_URL.
-Exit codes of `write --wait`: 0 success, 1 request_fail, 3 no final status within --timeout, 2 usage.
+Exit codes of `write --wait`: 0 success, 1 request_fail or no writer_agent serves the tag, 3 no news of
+the request for --timeout seconds (default 60) or no writer_agent took it (see DaqClient.wait), 2 usage.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pika
 
 from core_buffer import broker
 from core_buffer.broker import StatusMessage
-from std_daq.client import DaqClient, RequestTimeout, progress_of
+from std_daq.client import DaqClient, NoAgentError, RequestTimeout, progress_of
 
 TAG_ENV = "STD_DAQ_TAG"
+WRITE_TIMEOUT_S = 60.0  # write --wait gives up after this long without news of the request
 MONITOR_ROWS = 20
 
 
@@ -52,7 +54,11 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         extra = {} if args.run_id is None else {"run_id": args.run_id}
         if args.user_id is not None:
             extra["user_id"] = args.user_id
-        request_id = daq.submit(args.output_file, args.n_images, tag=tag, **extra)
+        try:
+            request_id = daq.submit(args.output_file, args.n_images, tag=tag, **extra)
+        except NoAgentError as exc:
+            print(f"std-daq: {exc}", file=sys.stderr)
+            return 1
         print(f"request {request_id}: {args.n_images} images to {args.output_file} (tag {tag})", file=out, flush=True)
         if not args.wait:
             return 0
@@ -66,7 +72,7 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 print(f"  started by {status.source}", file=out, flush=True)
 
         try:
-            result = daq.wait(request_id, args.timeout, on_status=show)
+            result = daq.wait(request_id, on_status=show, idle_timeout_s=args.timeout)
         except RequestTimeout as exc:
             print(f"\nstd-daq: {exc}", file=sys.stderr)
             return 3
@@ -85,7 +91,11 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 def run_kill(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     tag = _tag(args)
     with _client() as daq:
-        daq.kill(args.request_id, tag=tag)
+        try:
+            daq.kill(args.request_id, tag=tag)
+        except NoAgentError as exc:
+            print(f"std-daq: {exc}", file=sys.stderr)
+            return 1
         print(f"kill sent for request {args.request_id} (tag {tag})", file=out)
         if not args.wait:
             return 0
@@ -166,7 +176,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     write.add_argument("--run-id", type=int, default=None, help="run id stored in the file (default: the agent's)")
     write.add_argument("--user-id", type=int, default=None, help="uid the file should belong to")
     write.add_argument("--wait", action="store_true", help="follow the request and exit non-zero on failure")
-    write.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S seconds")
+    write.add_argument("--timeout", type=float, default=WRITE_TIMEOUT_S, metavar="S",
+                       help="with --wait: give up (exit 3) after S seconds without news of the request "
+                            "(default %(default)g; progress reports come every second or so while it runs)")
     write.set_defaults(func=run_write)
 
     kill = commands.add_parser("kill", help="stop a running or queued write")

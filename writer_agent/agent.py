@@ -1,20 +1,23 @@
 """writer_agent: write requests from RabbitMQ in, StoreStream to std_h5_writer, statuses back on RabbitMQ.
 
-One loop, one thread. Each turn it serves the broker without blocking (deliveries, heartbeats, the
-outbox of statuses) and then the running write on ZMQ (ImageMetadata in, StoreStream out, writer
-status in). The data path never waits on the broker: when the connection drops, the write goes on,
-statuses collect in the outbox, and the agent reconnects with exponential backoff and publishes them.
+Two threads. The agent's own loop does the data path on ZMQ (ImageMetadata in, StoreStream out, writer
+status in) and decides everything about requests. The broker lives in `BrokerLink`'s thread (see
+broker_link.py for why): the loop hands it statuses and acks and takes requests and kills from it, and
+never waits on RabbitMQ. When the connection drops, the write goes on, statuses wait in the link's
+outbox, and the link reconnects with exponential backoff and publishes them in order.
 
 A request's life: `request_start` as soon as it is taken; a bad one gets `request_fail` at once. A good
 one SUBscribes to the ImageMetadata stream, sends start, forwards the next n_images images as writes,
 then stop, and waits for the writer's final status; `request_progress` follows each writer status while
-it writes; the end is exactly one `request_success` (JSON summary) or `request_fail` (a reason). The
-delivery is acked when that final status is handed to the broker or, with the broker away, to the
-outbox. Prefetch 1 keeps the other requests waiting in the broker queue.
+it writes (and reports, once a second, a start that std_h5_writer has not taken yet); the end is exactly
+one `request_success` (JSON summary) or `request_fail` (a reason). The delivery is acked right after
+that final status has been confirmed by the broker. Prefetch 1 keeps the other requests waiting in the
+broker queue.
 
-The running request is also noted in a small file next to the ipc sockets; an agent that starts and
-finds one (its predecessor crashed or was killed -9) stops that run in the writer and ends the request
-with request_fail, so no request is left without a final status.
+The agent keeps a small record file next to the ipc sockets: the running request, and the final
+statuses the broker has not confirmed yet. An agent that starts and finds one (its predecessor crashed or
+was killed -9) publishes the owed final statuses, and stops the run it finds in the writer and ends that
+request with request_fail, so no request is left without a final status.
 """
 from __future__ import annotations
 
@@ -24,10 +27,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
-import pika
 import zmq
 
 from core_buffer import broker
@@ -36,6 +37,7 @@ from core_buffer.errors import FormatError
 from core_buffer.formats import ImageMetadata, StoreOp, StoreStream, WriterState, WriterStatus
 from core_buffer.ipc import image_metadata_address, make_socket, store_stream_address, writer_status_address
 from core_buffer.service import Counters
+from writer_agent.broker_link import CONNECT_TIMEOUT_S, BrokerLink, Delivery, Kill, Published
 from writer_agent.request import BadRequest, WriteRequest, parse_request
 
 log = logging.getLogger("writer_agent")
@@ -44,6 +46,9 @@ SOURCE = "writer_agent"
 HWM = 100000
 KILLED_MEMORY = 1000  # kills of requests not (yet) seen, remembered for when their turn comes
 STOP_GRACE_S = 3.0  # on SIGTERM, how long to wait for the writer to close the running file
+FLUSH_GRACE_S = 2.0  # on SIGTERM, how long to wait for the broker to confirm the statuses still queued
+STARTING_REPORT_S = 1.0  # while std_h5_writer has not taken the start, a progress report this often
+START_RETRY_S = 0.02  # how often a start that std_h5_writer has not taken is sent again
 
 
 class AgentSettings:
@@ -59,14 +64,6 @@ class AgentSettings:
         section.finish()
 
 
-@dataclass
-class Delivery:
-    generation: int  # which broker connection it came on; an ack only makes sense on that one
-    tag: int
-    request_id: str
-    body: bytes
-
-
 class Job:
     """The running write."""
 
@@ -78,6 +75,7 @@ class Job:
         self.started = time.monotonic()
         self.last_writer_news = self.started  # the writer's silence is measured from here
         self.last_image = self.started
+        self.last_report = self.started
         self.forwarded = 0
         self.gaps = 0
         self.last_sequence: int | None = None
@@ -106,159 +104,132 @@ class WriterAgent:
                                  "statuses_pending", "busy")
         self.job: Job | None = None
         self.waiting: collections.deque[Delivery] = collections.deque()
-        self.outbox: collections.deque[broker.StatusMessage] = collections.deque()
         self.killed: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self.connection: pika.BlockingConnection | None = None
-        self.channel: Any = None
-        self.generation = 0
-        self.next_connect = 0.0
-        self.backoff_s = 0.5
-        self.outage_logged = False
-        self.inflight_path = os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-writer_agent"
-                                                          ".inflight.json")
+        # Final statuses handed to the link and not yet confirmed by the broker, by request id; they
+        # stay in the record file until confirmed, so a crash meanwhile does not lose them.
+        self.owed: collections.OrderedDict[str, broker.StatusMessage] = collections.OrderedDict()
+        self.record_path = os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-writer_agent"
+                                                        ".inflight.json")
+        wake_address = f"inproc://writer_agent-wake-{id(self):x}"
+        self.wake = self.context.socket(zmq.PAIR)
+        self.wake.setsockopt(zmq.LINGER, 0)
+        self.wake.bind(wake_address)
+        self.idle_poller = zmq.Poller()
+        self.idle_poller.register(self.writer_status, zmq.POLLIN)
+        self.idle_poller.register(self.wake, zmq.POLLIN)
         log.info("tag %r, broker %s, StoreStream on %s", self.settings.tag, broker.describe_url(self.url),
                  store_stream_address(config))
-        self._connect()
+        self.link = BrokerLink(self.url, self.settings.tag, f"writer_agent {config.detector_name}",
+                               self.settings.reconnect_max_s, self.context, wake_address)
+        self.link.start()
+        # Wait for the first connection, so that a started agent (its metrics endpoint answering) is one
+        # that serves its tag; without a broker it starts anyway and the link keeps trying.
+        if not self.link.connected.wait(CONNECT_TIMEOUT_S + 1.0):
+            log.warning("starting without the broker; requests are served once it is reachable")
         self._recover()
 
-    # --- broker ---------------------------------------------------------------------------------------
+    # --- the broker link ------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        try:
-            self.connection = broker.connect(self.url, connection_name=f"writer_agent {self.config.detector_name}")
-            channel = self.connection.channel()
-            broker.declare_exchanges(channel)
-            channel.basic_qos(prefetch_count=1)
-            requests = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
-            channel.queue_bind(queue=requests, exchange=broker.REQUEST_EXCHANGE, routing_key=self.settings.tag)
-            kills = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
-            channel.queue_bind(queue=kills, exchange=broker.KILL_EXCHANGE, routing_key=self.settings.tag)
-            channel.basic_consume(queue=requests, on_message_callback=self._on_request)
-            channel.basic_consume(queue=kills, on_message_callback=self._on_kill, auto_ack=True)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            self._lost(f"cannot connect: {exc!r}")
-            return
-        self.channel = channel
-        self.generation += 1
-        self.backoff_s = 0.5
-        self.counters.broker_connected = 1
-        if self.generation > 1:
-            self.counters.broker_reconnects += 1
-        log.info("connected to %s (connection %d), serving tag %r", broker.describe_url(self.url),
-                 self.generation, self.settings.tag)
-        self.outage_logged = False
+    def _publish(self, request_id: str, body: bytes, action: str, message: str,
+                 ack: Delivery | None = None) -> None:
+        status = broker.StatusMessage(request_id, action, SOURCE, message, body)
+        final = action in broker.FINAL_ACTIONS
+        if final:
+            self.owed[request_id] = status
+            self._save_record()
+        self.link.publish(status, ack=ack, final=final)
 
-    def _lost(self, reason: str) -> None:
-        if self.connection is not None:
+    def _handle_link_events(self) -> None:
+        while True:  # drain the wake-ups first: an event posted after this is still read below
             try:
-                self.connection.close()
-            except Exception:  # noqa: BLE001 - it is already broken; closing is a courtesy
-                pass
-        self.connection = self.channel = None
-        self.counters.broker_connected = 0
-        if not self.outage_logged:
-            log.warning("broker %s: %s; the running write goes on, statuses are kept until it is back "
-                        "(retrying every %.1f s and up to %.0f s)", broker.describe_url(self.url), reason,
-                        self.backoff_s, self.settings.reconnect_max_s)
-            self.outage_logged = True
-        self.next_connect = time.monotonic() + self.backoff_s
-        self.backoff_s = min(self.backoff_s * 2, self.settings.reconnect_max_s)
+                self.wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        for event in self.link.events():
+            if isinstance(event, Delivery):
+                if self.job is not None:
+                    self.waiting.append(event)  # only after a reconnect: the old queue's request is still running
+                else:
+                    self._take(event)
+            elif isinstance(event, Kill):
+                self._on_kill(event.request_id)
+            elif isinstance(event, Published):
+                if self.owed.pop(event.request_id, None) is not None:
+                    self._save_record()
 
-    def _serve_broker(self) -> None:
-        if self.connection is None:
-            if time.monotonic() >= self.next_connect:
-                self._connect()
-            if self.connection is None:
-                return
-        try:
-            self._flush_outbox()
-            self.connection.process_data_events(time_limit=0)
-            self._flush_outbox()
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            self._lost(f"connection lost: {exc!r}")
-
-    def _flush_outbox(self) -> None:
-        while self.outbox and self.channel is not None:
-            status = self.outbox[0]
-            self.channel.basic_publish(exchange=broker.STATUS_EXCHANGE, routing_key="", body=status.body,
-                                       properties=status.properties())
-            self.outbox.popleft()
-        self.counters.statuses_pending = len(self.outbox)
-
-    def _publish(self, request_id: str, body: bytes, action: str, message: str) -> None:
-        self.outbox.append(broker.StatusMessage(request_id, action, SOURCE, message, body))
-        if self.channel is not None:
-            try:
-                self._flush_outbox()
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                self._lost(f"connection lost while publishing: {exc!r}")
-        self.counters.statuses_pending = len(self.outbox)
-
-    def _ack(self, delivery: Delivery) -> None:
-        if self.channel is None or delivery.generation != self.generation:
-            return  # that connection is gone, and with it its exclusive queue and the unacked delivery
-        try:
-            self.channel.basic_ack(delivery_tag=delivery.tag)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            self._lost(f"connection lost while acking: {exc!r}")
-
-    def _on_request(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        delivery = Delivery(self.generation, method.delivery_tag, properties.correlation_id or "", bytes(body))
-        if self.job is not None:
-            self.waiting.append(delivery)  # only after a reconnect: the old queue's request is still running
-            return
-        self._take(delivery)
-
-    def _on_kill(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
-        request_id = properties.correlation_id or ""
+    def _on_kill(self, request_id: str) -> None:
         job = self.job
-        if job is not None and job.request.request_id == request_id:
+        if job is None or job.request.request_id != request_id:
+            self.killed[request_id] = time.monotonic()
+            while len(self.killed) > KILLED_MEMORY:
+                self.killed.popitem(last=False)
+            return
+        if job.state == Job.STARTING:
+            # No start went out, so there is no file and nothing for the writer to stop: end it now.
+            log.info("request %s: killed before std_h5_writer took its start", request_id)
+            self.counters.requests_killed += 1
+            self._end(job, None, "killed before the write started (std_h5_writer had not taken the start yet); "
+                                 "no file was created")
+        elif job.state == Job.WRITING:
             log.info("request %s: killed after %d of %d images", request_id, job.forwarded, job.request.n_images)
             job.killed = True
             self._send_stop(job)
-            return
-        self.killed[request_id] = time.monotonic()
-        while len(self.killed) > KILLED_MEMORY:
-            self.killed.popitem(last=False)
+        else:
+            log.info("request %s: kill ignored, the write is already being stopped", request_id)
 
-    # --- a write in flight when the previous agent died ----------------------------------------------
+    # --- the record of the running request and the owed final statuses ------------------------------
 
-    def _remember(self, job: Job) -> None:
-        """Note the running request on disk, so an agent restarted after a crash can end it."""
-        r = job.request
-        record = {"request_id": r.request_id, "body": base64.b64encode(job.delivery.body).decode(),
-                  "output_file": r.output_file, "n_images": r.n_images, "run_id": r.run_id, "user_id": r.user_id}
-        tmp = self.inflight_path + ".tmp"
+    def _save_record(self) -> None:
+        """Note the running request and the unconfirmed final statuses on disk (or remove the file when
+        there are none), so an agent restarted after a crash can end the one and publish the others."""
+        running = None
+        if self.job is not None:
+            r = self.job.request
+            running = {"request_id": r.request_id, "body": base64.b64encode(self.job.delivery.body).decode(),
+                       "output_file": r.output_file, "n_images": r.n_images, "run_id": r.run_id,
+                       "user_id": r.user_id}
+        owed = [{"request_id": s.request_id, "action": s.action, "message": s.message,
+                 "body": base64.b64encode(s.body).decode()} for s in self.owed.values()]
         try:
+            if running is None and not owed:
+                os.unlink(self.record_path)
+                return
+            tmp = self.record_path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, self.inflight_path)
-        except OSError as exc:
-            log.warning("cannot note the running request in %s (%s); a crash would leave it without a final "
-                        "status", self.inflight_path, exc)
-
-    def _forget(self) -> None:
-        try:
-            os.unlink(self.inflight_path)
+                json.dump({"running": running, "owed": owed}, f)
+            os.replace(tmp, self.record_path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("cannot remove %s: %s", self.inflight_path, exc)
+            log.warning("cannot update %s (%s); a crash now would leave a request without its final status",
+                        self.record_path, exc)
 
     def _recover(self) -> None:
-        """End the request the previous agent was running when it died: stop the writer's file and
-        publish request_fail, once the writer has closed it (or has not answered in writer_timeout_s)."""
+        """Publish the final statuses the previous agent owed, and end the request it was running when it
+        died: stop the writer's file and publish request_fail, once the writer has closed it (or has not
+        answered in writer_timeout_s)."""
         try:
-            with open(self.inflight_path) as f:
+            with open(self.record_path) as f:
                 record = json.load(f)
-            request = WriteRequest(str(record["request_id"]), str(record["output_file"]), int(record["n_images"]),
-                                   int(record["run_id"]), int(record["user_id"]), {})
-            body = base64.b64decode(record["body"])
+            running = record.get("running") if "running" in record else record  # or the one-request format
+            owed = [broker.StatusMessage(str(s["request_id"]), str(s["action"]), SOURCE, str(s["message"]),
+                                         base64.b64decode(s["body"])) for s in record.get("owed", [])]
+            request = body = None
+            if running is not None:
+                request = WriteRequest(str(running["request_id"]), str(running["output_file"]),
+                                       int(running["n_images"]), int(running["run_id"]), int(running["user_id"]), {})
+                body = base64.b64decode(running["body"])
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("ignoring the unreadable %s (%s)", self.inflight_path, exc)
-            self._forget()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("ignoring the unreadable %s (%s)", self.record_path, exc)
+            self._save_record()
+            return
+        for status in owed:
+            log.warning("request %s: publishing the %s the previous writer_agent could not", status.request_id,
+                        status.action)
+            self._publish(status.request_id, status.body, status.action, status.message)
+        if request is None:
             return
         log.warning("request %s was running when the previous writer_agent died; ending it", request.request_id)
         images = make_socket(self.context, zmq.SUB, hwm=1)
@@ -267,6 +238,7 @@ class WriterAgent:
         job.failure = "writer_agent restarted during the write (it had crashed or was killed)"
         self.job = job
         self.counters.busy = 1
+        self._save_record()
 
     # --- requests -------------------------------------------------------------------------------------
 
@@ -283,14 +255,13 @@ class WriterAgent:
             self.counters.requests_rejected += 1
             self.counters.requests_failed += 1
             log.warning("request %s refused: %s", rid or "(no id)", exc)
-            self._publish(rid, delivery.body, broker.REQUEST_FAIL, str(exc))
-            self._ack(delivery)
+            self._publish(rid, delivery.body, broker.REQUEST_FAIL, str(exc), ack=delivery)
             return
         images = make_socket(self.context, zmq.SUB, hwm=HWM)
         images.connect(image_metadata_address(self.config))
         self.job = Job(request, delivery, images)
         self.counters.busy = 1
-        self._remember(self.job)
+        self._save_record()
         log.info("request %s: %d images to %s (run %d)", rid, request.n_images, request.output_file, request.run_id)
         self._send_start(self.job)
 
@@ -322,31 +293,38 @@ class WriterAgent:
 
     def _serve_job(self, timeout_s: float) -> None:
         job = self.job
-        now = time.monotonic()
         if job.state == Job.STARTING:
             self._send_start(job)
-            if job.state == Job.STARTING:
-                if now - job.started > self.settings.writer_timeout_s:
-                    self._writer_timeout(job, f"std_h5_writer is not connected to {store_stream_address(self.config)} "
-                                              f"(waited {self.settings.writer_timeout_s:g} s); is it running?")
-                else:
-                    time.sleep(min(timeout_s, 0.02))
-                return
         if job.state == Job.RECOVERING:
             self._send_stop(job)
         poller = zmq.Poller()
+        poller.register(self.wake, zmq.POLLIN)
         poller.register(self.writer_status, zmq.POLLIN)
         if job.state == Job.WRITING:
             poller.register(job.images, zmq.POLLIN)
-        events = dict(poller.poll(timeout_s * 1000))
-        if job.images in events:
+        wait_s = min(timeout_s, START_RETRY_S) if job.state == Job.STARTING else timeout_s
+        events = dict(poller.poll(wait_s * 1000))
+        if self.wake in events:
+            self._handle_link_events()  # a kill is acted on before more images go out
+            if self.job is not job:
+                return
+        if job.images in events and job.state == Job.WRITING:
             self._forward_images(job)
         if self.writer_status in events:
             self._read_writer_statuses()
         if self.job is not job:
             return
         now = time.monotonic()
-        if now - job.last_writer_news > self.settings.writer_timeout_s:
+        if job.state == Job.STARTING:
+            if now - job.started > self.settings.writer_timeout_s:
+                self._writer_timeout(job, f"std_h5_writer is not connected to {store_stream_address(self.config)} "
+                                          f"(waited {self.settings.writer_timeout_s:g} s); is it running?")
+            elif now - job.last_report >= STARTING_REPORT_S:
+                job.last_report = now  # shows clients that the agent is busy with this request
+                self._publish(job.request.request_id, job.delivery.body, broker.REQUEST_PROGRESS,
+                              json.dumps({"n_written": 0, "n_lost": 0, "n_forwarded": 0,
+                                          "n_images": job.request.n_images, "waiting_for": "std_h5_writer"}))
+        elif now - job.last_writer_news > self.settings.writer_timeout_s:
             self._writer_timeout(job, f"std_h5_writer sent no status for {self.settings.writer_timeout_s:g} s "
                                       f"({job.forwarded} of {job.request.n_images} images forwarded); "
                                       "is it running?")
@@ -432,59 +410,70 @@ class WriterAgent:
                       f"closed and holds them")
         elif status is not None and job.failure:
             reason = f"{job.failure}; {r.output_file} is closed and holds {job.n_written} images"
+        job.images.close()
+        self.job = None  # before publishing: the record then holds the final status and no running request
+        self.counters.busy = 0
         if reason is None:
             if duration > 0:
                 summary["images_per_s"] = round(job.n_written / duration, 1)
             self.counters.requests_succeeded += 1
             log.info("request %s: done, %s", r.request_id, summary)
-            self._publish(r.request_id, job.delivery.body, broker.REQUEST_SUCCESS, json.dumps(summary))
+            self._publish(r.request_id, job.delivery.body, broker.REQUEST_SUCCESS, json.dumps(summary),
+                          ack=job.delivery)
         else:
             self.counters.requests_failed += 1
             log.warning("request %s failed: %s", r.request_id, reason)
-            self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason)
-        self._ack(job.delivery)
-        self._forget()
-        job.images.close()
-        self.job = None
-        self.counters.busy = 0
+            self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason, ack=job.delivery)
         if self.waiting:
             self._take(self.waiting.popleft())
 
     # --- Service --------------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float) -> None:
-        self._serve_broker()
         if self.job is not None:
             self._serve_job(timeout_s)
             return
-        if self.writer_status.poll(timeout_s * 1000):
+        events = dict(self.idle_poller.poll(timeout_s * 1000))
+        if self.wake in events:
+            self._handle_link_events()
+        if self.writer_status in events:
             self._read_writer_statuses()  # late statuses of ended runs: read and dropped
 
     def stop(self) -> None:
+        """Stop order: end the running request (stop to the writer, wait for it to close the file), then give
+        the link a moment to get the statuses still queued confirmed; `close` then stops the link."""
         job = self.job
-        if job is None:
-            return
-        job.failure = "writer_agent was stopped (SIGTERM) during the write"
-        self._send_stop(job)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while self.job is job and time.monotonic() < deadline:
-            if self.writer_status.poll(100):
-                self._read_writer_statuses()
-        if self.job is job:
-            self._end(job, None, f"{job.failure}; std_h5_writer did not confirm closing {job.request.output_file} "
-                                 f"within {STOP_GRACE_S:g} s")
-        self._serve_broker()
+        if job is not None and job.state == Job.STARTING:
+            self._end(job, None, "writer_agent was stopped (SIGTERM) before std_h5_writer took the start; "
+                                 "no file was created")
+        elif job is not None:
+            job.failure = "writer_agent was stopped (SIGTERM) during the write"
+            self._send_stop(job)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while self.job is job and time.monotonic() < deadline:
+                if self.writer_status.poll(100):
+                    self._read_writer_statuses()
+            if self.job is job:
+                self._end(job, None, f"{job.failure}; std_h5_writer did not confirm closing "
+                                     f"{job.request.output_file} within {STOP_GRACE_S:g} s")
+        self.link.flush(FLUSH_GRACE_S)
 
     def close(self) -> None:
-        if self.connection is not None:
-            try:
-                self.connection.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
-        if self.outbox:
-            log.error("%d statuses could not be published (broker unreachable at exit)", len(self.outbox))
+        self.link.stop()
+        if not self.link.join(CONNECT_TIMEOUT_S + 1.0):
+            log.warning("the broker link did not stop in time; leaving it to the process exit")
+        self._handle_link_events()  # the last confirmations
+        if self.link.pending():
+            log.error("%d statuses could not be published (broker unreachable at exit)", self.link.pending())
+        if self.owed:
+            log.error("%d final statuses are kept in %s; the next writer_agent start publishes them",
+                      len(self.owed), self.record_path)
         self.store.close()
         self.writer_status.close()
+        self.wake.close()
 
     def stats(self) -> Mapping[str, int]:
+        self.counters.broker_connected = int(self.link.connected.is_set())
+        self.counters.broker_reconnects = self.link.reconnects
+        self.counters.statuses_pending = self.link.pending()
         return self.counters.snapshot()

@@ -3,7 +3,6 @@ producer, real HDF5 files."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,90 +12,11 @@ import numpy as np
 import pytest
 
 from core_buffer import broker
-from std_daq.client import DaqClient, progress_of
-from std_daq.launcher import console_script
+from std_daq.client import DaqClient, NoAgentError, RequestNotTaken, progress_of
 from tests.e2e.protocol_client import ProtocolClient
-from tests.producer import ImageProducer, expected_image
-
-READY_S = 20.0
-
-
-class Service:
-    def __init__(self, name: str, config_path: Path, log_path: Path, url: str) -> None:
-        self.name, self.config_path, self.log_path, self.url = name, config_path, log_path, url
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, ready_text: str) -> None:
-        log = open(self.log_path, "a")
-        env = {**os.environ, broker.URL_ENV: self.url}
-        self.proc = subprocess.Popen([console_script(self.name), str(self.config_path)], stdout=subprocess.DEVNULL,
-                                     stderr=log, stdin=subprocess.DEVNULL, env=env)
-        log.close()
-        deadline = time.monotonic() + READY_S
-        while ready_text not in self.log_path.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Rig:
-    def __init__(self, config_path, config, tmp_path, url, skip_sequence_every=0):
-        self.config, self.url = config, url
-        self.out = Path(config.output_dirs[0])
-        self.tag = config.detector_name
-        self.producer = ImageProducer(config, skip_sequence_every=skip_sequence_every)
-        self.writer = Service("std_h5_writer", config_path, tmp_path / "writer.log", url)
-        self.agent = Service("writer_agent", config_path, tmp_path / "agent.log", url)
-        self.writer.start("std_h5_writer running")
-        self.agent.start("serving tag")
-        self.client = DaqClient(url)
-
-    def logs(self) -> str:
-        return self.agent.log_path.read_text()[-3000:] + "\n" + self.writer.log_path.read_text()[-2000:]
-
-    def close(self):
-        self.client.close()
-        self.agent.stop()
-        self.writer.stop()
-        self.producer.close()
-
-
-@pytest.fixture
-def rig(make_config, tmp_path, broker_url):
-    made = []
-
-    def factory(rate_hz=200.0, skip_sequence_every=0, **agent_section):
-        out = tmp_path / "out"
-        out.mkdir(exist_ok=True)
-        path, config = make_config(output_dirs=[str(out)], image_buffer_slots=64,
-                                   writer_agent={"writer_timeout_s": 3.0, "max_images": 5000, **agent_section},
-                                   writer={"status_interval_s": 0.2})
-        made.append(Rig(path, config, tmp_path, broker_url, skip_sequence_every))
-        if rate_hz:
-            made[-1].producer.start(rate_hz)
-        return made[-1]
-
-    yield factory
-    for r in made:
-        r.close()
-
-
-def wait_for_progress(r, request_id, n_written, timeout_s=15.0):
-    """Until a progress report of `request_id` says at least `n_written` (its statuses stay queued)."""
-    deadline = time.monotonic() + timeout_s
-    while not any(s.request_id == request_id and s.action == broker.REQUEST_PROGRESS
-                  and progress_of(s)[0] >= n_written for s in list(r.client.received)):
-        assert time.monotonic() < deadline, r.logs()
-        r.client.connection.process_data_events(time_limit=0.1)
+from tests.producer import expected_image
+from tests.writer_agent.broker_proxy import BrokerProxy
+from tests.writer_agent.rig import rig, wait_for_progress, wait_for_status  # noqa: F401 - rig is a fixture
 
 
 def assert_file_holds_pattern(config, path, n_expected=None):
@@ -205,20 +125,150 @@ def test_kill_mid_write_leaves_a_valid_trimmed_file_and_a_killed_queued_request_
     assert not (r.out / "queued.h5").exists()
 
 
+def raw_stream(client: DaqClient, request_ids: list[str], timeout_s: float = 30.0) -> list:
+    """The client's statuses of `request_ids` in arrival order, as received, until each has had a final one
+    (other detectors' statuses on the shared exchange are left out)."""
+    stream, open_ids = [], set(request_ids)
+    deadline = time.monotonic() + timeout_s
+    for status in client.statuses(timeout_s=timeout_s):
+        if status.request_id in request_ids:
+            stream.append(status)
+            if status.action in broker.FINAL_ACTIONS:
+                open_ids.discard(status.request_id)
+        if not open_ids or time.monotonic() > deadline:
+            break
+    assert not open_ids, f"no final status for {open_ids}"
+    return stream
+
+
 def test_two_clients_interleaving_requests_each_get_their_own_statuses(rig, broker_url):
     r = rig()
-    other = DaqClient(broker_url)
+    a, b = r.client, DaqClient(broker_url)
     try:
-        mine = [r.client.submit(str(r.out / f"a{i}.h5"), 5, tag=r.tag) for i in range(2)]
-        theirs = [other.submit(str(r.out / f"b{i}.h5"), 5, tag=r.tag) for i in range(2)]
-        results = [r.client.wait(i, timeout_s=30) for i in reversed(mine)]
-        results += [other.wait(i, timeout_s=30) for i in theirs]
+        order, files = [], {}
+        for i in range(2):  # a0, b0, a1, b1: each publish is confirmed before the next one goes
+            for name, client in (("a", a), ("b", b)):
+                path = str(r.out / f"{name}{i}.h5")
+                request_id = client.submit(path, 5, tag=r.tag)
+                order.append(request_id)
+                files[request_id] = path
+        streams = {"a": raw_stream(a, order), "b": raw_stream(b, order)}
     finally:
-        other.close()
-    assert all(res.ok for res in results), [res.message for res in results]
-    for res in results:
-        assert {s.request_id for s in res.statuses} == {res.request_id}
+        b.close()
+    for name, stream in streams.items():
+        for request_id in order:
+            own = [s for s in stream if s.request_id == request_id]
+            actions = [s.action for s in own]
+            assert actions[0] == broker.REQUEST_START, (name, actions)
+            assert actions[-1] == broker.REQUEST_SUCCESS, (name, actions, own[-1].message)
+            assert set(actions[1:-1]) <= {broker.REQUEST_PROGRESS}, (name, actions)  # one final, at the end
+            assert all(json.loads(s.body)["output_file"] == files[request_id] for s in own)  # its own body
+        # One write at a time, in the order submitted: each request starts after the previous one ended.
+        starts = [i for i, s in enumerate(stream) if s.action == broker.REQUEST_START]
+        finals = [i for i, s in enumerate(stream) if s.action in broker.FINAL_ACTIONS]
+        assert [stream[i].request_id for i in starts] == order
+        assert all(finals[k] < starts[k + 1] for k in range(len(order) - 1)), [s.action for s in stream]
+    # The status exchange is a fanout: both clients saw the same statuses in the same order.
+    as_seen = {name: [(s.request_id, s.action, s.message) for s in stream] for name, stream in streams.items()}
+    assert as_seen["a"] == as_seen["b"]
     assert sorted(p.name for p in r.out.iterdir()) == ["a0.h5", "a1.h5", "b0.h5", "b1.h5"]
+
+
+def test_a_request_queued_behind_a_running_write_is_not_reported_as_not_taken(rig):
+    r = rig()
+    first = r.client.submit(str(r.out / "first.h5"), 400, tag=r.tag)  # 2 s at 200 Hz
+    second = r.client.submit(str(r.out / "second.h5"), 5, tag=r.tag)
+    result = r.client.wait(second, timeout_s=30, start_timeout_s=1.0)  # its start comes after the first ends
+    assert result.ok, result.message + r.logs()
+    assert r.client.wait(first, timeout_s=30).ok
+
+
+def test_a_request_for_a_tag_nobody_serves_fails_at_once(broker_url, detector_name):
+    with DaqClient(broker_url) as daq:
+        with pytest.raises(NoAgentError, match=f"no writer_agent serves tag '{detector_name}'"):
+            daq.submit("/tmp/x.h5", 5, tag=detector_name)
+        with pytest.raises(NoAgentError, match="the kill was returned"):
+            daq.kill("some-request", tag=detector_name)
+
+
+def test_a_queued_request_that_no_agent_takes_raises_request_not_taken(broker_url, detector_name):
+    with DaqClient(broker_url) as stuck, DaqClient(broker_url, start_timeout_s=1.0) as daq:
+        # A queue bound to the tag that nobody consumes: the request is routed, and then nothing happens,
+        # as when an agent's connection breaks while the request waits in its queue.
+        queue = stuck.channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+        stuck.channel.queue_bind(queue=queue, exchange=broker.REQUEST_EXCHANGE, routing_key=detector_name)
+        request_id = daq.submit("/tmp/x.h5", 5, tag=detector_name)
+        with pytest.raises(RequestNotTaken, match="no writer_agent took it within 1 s"):
+            daq.wait(request_id, timeout_s=30)
+
+
+def test_a_kill_before_the_writer_took_the_start_ends_the_request_at_once(rig):
+    r = rig(writer_timeout_s=60.0)
+    r.writer.stop()
+    request_id = r.client.submit(str(r.out / "never.h5"), 5, tag=r.tag)
+    wait_for_status(r, request_id, broker.REQUEST_START)
+    r.client.kill(request_id, tag=r.tag)
+    result = r.client.wait(request_id, timeout_s=15)  # long before writer_timeout_s
+    assert not result.ok and "killed before the write started" in result.message, result.message
+    assert "std_h5_writer is not connected" not in result.message
+    assert not (r.out / "never.h5").exists()
+    r.writer.start("std_h5_writer running")
+    again = r.client.write(str(r.out / "after-kill.h5"), 5, tag=r.tag, timeout_s=30)
+    assert again.ok, again.message + r.logs()
+
+
+@pytest.fixture
+def proxy():
+    relay = BrokerProxy()
+    yield relay
+    relay.close()
+
+
+def wait_for_agent_log(r, text: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in r.agent.log_path.read_text():
+        assert time.monotonic() < deadline, r.logs()
+        time.sleep(0.05)
+
+
+def test_a_write_runs_on_while_the_broker_is_a_blackhole_and_its_final_status_follows(rig, proxy):
+    r = rig(rate_hz=200, agent_url=proxy.url(), reconnect_max_s=0.5)
+    path = r.out / "blackhole.h5"
+    request_id = r.client.submit(str(path), 400, tag=r.tag)  # 2 s at 200 Hz; the buffer holds 0.3 s
+    wait_for_status(r, request_id, broker.REQUEST_START)
+    proxy.blackhole()  # the agent's connection drops, and its reconnection attempts hang unanswered
+    wait_for_agent_log(r, f"request {request_id}: done")
+    r.client.connection.process_data_events(time_limit=0.3)
+    assert not any(s.request_id == request_id and s.action in broker.FINAL_ACTIONS for s in r.client.received)
+    proxy.restore()
+    result = r.client.wait(request_id, timeout_s=30)
+    assert result.ok, result.message + r.logs()
+    summary = result.summary
+    assert (summary["images_written"], summary["images_lost"], summary["sequence_gaps"]) == (400, 0, 0), summary
+    assert_file_holds_pattern(r.config, path, 400)
+
+
+def test_a_final_status_owed_when_the_agent_dies_is_published_by_the_next_agent(rig, proxy):
+    r = rig(rate_hz=200, agent_url=proxy.url(), reconnect_max_s=0.5)
+    request_id = r.client.submit(str(r.out / "owed.h5"), 200, tag=r.tag)  # 1 s at 200 Hz
+    wait_for_status(r, request_id, broker.REQUEST_START)
+    proxy.blackhole()
+    wait_for_agent_log(r, f"request {request_id}: done")
+    r.agent.kill_9()  # with the success still unpublished
+    r.client.connection.process_data_events(time_limit=0.3)
+    assert not any(s.request_id == request_id and s.action in broker.FINAL_ACTIONS for s in r.client.received)
+    proxy.restore()
+    r.agent.start("serving tag")
+    result = r.client.wait(request_id, timeout_s=30)
+    assert result.ok and result.summary["images_written"] == 200, result.message + r.logs()
+    assert "publishing the request_success the previous writer_agent could not" in r.agent.log_path.read_text()
+    record = Path(r.config.ipc_dir) / f"{r.config.namespace}-{r.tag}-writer_agent.inflight.json"
+    deadline = time.monotonic() + 10
+    while record.exists():  # removed once the broker confirmed the owed status
+        assert time.monotonic() < deadline, record.read_text()
+        time.sleep(0.05)
+    again = r.client.write(str(r.out / "after-restart.h5"), 5, tag=r.tag, timeout_s=30)
+    assert again.ok, again.message
 
 
 def _close_agent_connection(tag: str) -> None:

@@ -1,0 +1,123 @@
+"""writer_agent and std_h5_writer as real processes around a real ImageBuffer fed by a test producer, for
+the writer_agent tests and the std-daq write/kill/monitor tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from core_buffer import broker
+from std_daq.client import DaqClient, progress_of
+from std_daq.launcher import console_script
+from tests.producer import ImageProducer
+
+READY_S = 20.0
+
+
+class Service:
+    def __init__(self, name: str, config_path: Path, log_path: Path, url: str) -> None:
+        self.name, self.config_path, self.log_path, self.url = name, config_path, log_path, url
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_text: str) -> None:
+        """Start the console script and wait until its log shows `ready_text` (in this run's part of the log)."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "a")
+        env = {**os.environ, broker.URL_ENV: self.url}
+        self.proc = subprocess.Popen([console_script(self.name), str(self.config_path)], stdout=subprocess.DEVNULL,
+                                     stderr=log, stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        deadline = time.monotonic() + READY_S
+        while ready_text not in self.log_since(offset):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill_9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Rig:
+    """The producer, std_h5_writer and writer_agent of one test detector, and a DaqClient on the broker.
+    `agent_url` lets the agent reach the broker another way than the client (through a proxy)."""
+
+    def __init__(self, config_path, config, tmp_path, url, skip_sequence_every=0, agent_url=None):
+        self.config, self.url = config, url
+        self.out = Path(config.output_dirs[0])
+        self.tag = config.detector_name
+        self.producer = ImageProducer(config, skip_sequence_every=skip_sequence_every)
+        self.writer = Service("std_h5_writer", config_path, tmp_path / "writer.log", url)
+        self.agent = Service("writer_agent", config_path, tmp_path / "agent.log", agent_url or url)
+        self.client: DaqClient | None = None
+        try:
+            self.writer.start("std_h5_writer running")
+            self.agent.start("serving tag")
+            self.client = DaqClient(url)
+        except BaseException:
+            self.close()
+            raise
+
+    def logs(self) -> str:
+        return self.agent.log_path.read_text()[-3000:] + "\n" + self.writer.log_path.read_text()[-2000:]
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+        self.agent.stop()
+        self.writer.stop()
+        self.producer.close()
+
+
+@pytest.fixture
+def rig(make_config, tmp_path, broker_url):
+    """rig(rate_hz=200, skip_sequence_every=0, agent_url=None, **writer_agent_section) -> a running Rig."""
+    made = []
+
+    def factory(rate_hz=200.0, skip_sequence_every=0, agent_url=None, **agent_section):
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        path, config = make_config(output_dirs=[str(out)], image_buffer_slots=64,
+                                   writer_agent={"writer_timeout_s": 3.0, "max_images": 5000, **agent_section},
+                                   writer={"status_interval_s": 0.2})
+        made.append(Rig(path, config, tmp_path, broker_url, skip_sequence_every, agent_url))
+        if rate_hz:
+            made[-1].producer.start(rate_hz)
+        return made[-1]
+
+    yield factory
+    for r in made:
+        r.close()
+
+
+def wait_for_status(r: Rig, request_id: str, action: str, n_written: int = 0, timeout_s: float = 15.0) -> None:
+    """Until `action` of `request_id` arrived (a progress report saying at least `n_written`); the statuses
+    stay queued in the client for a later wait."""
+    deadline = time.monotonic() + timeout_s
+    while not any(s.request_id == request_id and s.action == action
+                  and (action != broker.REQUEST_PROGRESS or progress_of(s)[0] >= n_written)
+                  for s in list(r.client.received)):
+        assert time.monotonic() < deadline, r.logs()
+        r.client.connection.process_data_events(time_limit=0.1)
+
+
+def wait_for_progress(r: Rig, request_id: str, n_written: int, timeout_s: float = 15.0) -> None:
+    wait_for_status(r, request_id, broker.REQUEST_PROGRESS, n_written, timeout_s)

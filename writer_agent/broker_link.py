@@ -1,0 +1,247 @@
+"""The agent's RabbitMQ connection, owned by a thread of its own.
+
+Why a thread. pika's BlockingConnection blocks: in connecting (up to the socket timeout when the broker's
+address is a blackhole), in basic_publish when RabbitMQ throttles a connection (up to
+blocked_connection_timeout), and in waiting for publisher confirms. The data path cannot afford any of
+that: images arrive at hundreds per second and the ImageBuffer holds a second or less of them, so a stall
+of the agent's loop loses images. Shorter timeouts would only make the stalls shorter, and "no broker I/O
+while a write runs" would also stop kills and progress reports. pika's asynchronous SelectConnection
+could share one loop with the ZMQ poller, but it needs its own ioloop and callbacks for every step; one
+thread that owns a BlockingConnection outright (pika connections are not thread-safe, so nothing else
+touches it) is less code and keeps the agent's loop free of the broker entirely.
+
+The agent and the link talk through two queues. The agent appends `Outgoing` items (a status to publish,
+and/or a delivery to ack) to the outbox; the link publishes them in order with publisher confirms and
+keeps an item until the broker has confirmed it, reconnecting with backoff meanwhile. The link puts what
+it receives (`Delivery`, `Kill`) and what it has done (`Published` for a confirmed final status) in the
+inbox, and sends a byte on an inproc PAIR socket so the agent's poller wakes up at once.
+
+Delivery guarantee for statuses: at least once. A status whose publish was cut off before the confirm
+arrived is published again after the reconnect; clients take the first final status of a request.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import zmq
+
+from core_buffer import broker
+
+log = logging.getLogger("writer_agent")
+# pika logs every failed connection attempt at ERROR with a traceback; the link says once per outage what
+# happened (with the exception), so these would only repeat it every few seconds.
+for _noisy in ("pika.adapters.utils.connection_workflow", "pika.adapters.blocking_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
+
+CONNECT_TIMEOUT_S = 3.0  # one connection attempt; only the link thread waits for it
+EVENTS_SLICE_S = 0.05  # the link serves the broker in slices this long, then looks at its outbox
+FIRST_BACKOFF_S = 0.5
+
+
+@dataclass(frozen=True)
+class Delivery:
+    generation: int  # which broker connection it came on; an ack only makes sense on that one
+    tag: int
+    request_id: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Kill:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Published:
+    """A final status the broker has confirmed."""
+
+    request_id: str
+
+
+@dataclass
+class Outgoing:
+    status: broker.StatusMessage | None
+    ack: Delivery | None = None
+    final: bool = False  # report Published once the broker has confirmed it
+    published: bool = False  # the status is out; only the ack is left (never publish it twice)
+
+
+class BrokerLink:
+    """RabbitMQ for one agent: requests and kills of `tag` in, statuses out, in its own thread.
+
+    Lifecycle: `start`, then `publish`/`events` from the agent's thread, `flush` to wait for the outbox,
+    `stop` (sets the flag; the thread closes the connection and ends) and `join`."""
+
+    def __init__(self, url: str, tag: str, connection_name: str, reconnect_max_s: float,
+                 context: zmq.Context, wake_address: str) -> None:
+        self.url, self.tag, self.connection_name = url, tag, connection_name
+        self.reconnect_max_s = reconnect_max_s
+        self.context, self.wake_address = context, wake_address
+        self.inbox: queue.SimpleQueue[Delivery | Kill | Published] = queue.SimpleQueue()
+        # Appended by the agent, read and popped only by the link thread (deque appends and pops are atomic).
+        self.outbox: collections.deque[Outgoing] = collections.deque()
+        self.connected = threading.Event()
+        self.generation = 0
+        self.reconnects = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self._next_connect = 0.0
+        self._backoff_s = FIRST_BACKOFF_S
+        self._outage_logged = False
+        self._errors: dict[str, int] = {}
+        self._wake: zmq.Socket | None = None
+
+    # --- the agent's side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def publish(self, status: broker.StatusMessage | None, ack: Delivery | None = None, final: bool = False) -> None:
+        self.outbox.append(Outgoing(status, ack, final))
+
+    def events(self) -> list[Delivery | Kill | Published]:
+        found = []
+        while True:
+            try:
+                found.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return found
+
+    def pending(self) -> int:
+        return len(self.outbox)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (published and confirmed); False after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self.outbox and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.outbox
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    # --- the link thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._wake = self.context.socket(zmq.PAIR)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up is enough
+        self._wake.connect(self.wake_address)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._turn()
+                except (pika.exceptions.AMQPError, OSError) as exc:
+                    self._lost(f"connection lost: {exc!r}")
+                except Exception as exc:  # noqa: BLE001 - the link must outlive anything it receives
+                    self._log_unexpected(exc)
+                    self._lost(f"unexpected {type(exc).__name__}")
+        finally:
+            self._close_connection()
+            self._wake.close()
+
+    def _turn(self) -> None:
+        if self._connection is None:
+            delay = self._next_connect - time.monotonic()
+            if delay > 0:
+                self._stopping.wait(min(delay, 0.1))
+            else:
+                self._connect()
+            return
+        self._flush_outbox()
+        self._connection.process_data_events(time_limit=EVENTS_SLICE_S)
+        self._flush_outbox()
+
+    def _connect(self) -> None:
+        try:
+            connection = broker.connect(self.url, connection_name=self.connection_name, timeout_s=CONNECT_TIMEOUT_S)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self._lost(f"cannot connect: {exc!r}")
+            return
+        self._connection = connection
+        channel = connection.channel()
+        broker.declare_exchanges(channel)
+        channel.confirm_delivery()  # basic_publish returns once the broker has the status
+        channel.basic_qos(prefetch_count=1)
+        requests = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue=requests, exchange=broker.REQUEST_EXCHANGE, routing_key=self.tag)
+        kills = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue=kills, exchange=broker.KILL_EXCHANGE, routing_key=self.tag)
+        channel.basic_consume(queue=requests, on_message_callback=self._on_request)
+        channel.basic_consume(queue=kills, on_message_callback=self._on_kill, auto_ack=True)
+        self._channel = channel
+        self.generation += 1
+        if self.generation > 1:
+            self.reconnects += 1
+        self._backoff_s = FIRST_BACKOFF_S
+        self._outage_logged = False
+        self.connected.set()
+        log.info("connected to %s (connection %d), serving tag %r", broker.describe_url(self.url),
+                 self.generation, self.tag)
+
+    def _lost(self, reason: str) -> None:
+        self._close_connection()
+        if not self._outage_logged:
+            log.warning("broker %s: %s; the running write goes on, statuses are kept until it is back "
+                        "(retrying every %.1f s and up to %.0f s)", broker.describe_url(self.url), reason,
+                        self._backoff_s, self.reconnect_max_s)
+            self._outage_logged = True
+        self._next_connect = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self.reconnect_max_s)
+
+    def _close_connection(self) -> None:
+        self.connected.clear()
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - it is already broken; closing is a courtesy
+                pass
+
+    def _flush_outbox(self) -> None:
+        while self.outbox and self._channel is not None:
+            item = self.outbox[0]
+            if item.status is not None and not item.published:
+                properties = item.status.properties()
+                properties.headers["tag"] = self.tag  # lets clients see which detector's agent is busy
+                self._channel.basic_publish(exchange=broker.STATUS_EXCHANGE, routing_key="", body=item.status.body,
+                                            properties=properties)
+                item.published = True
+            if item.ack is not None and item.ack.generation == self.generation:
+                # An ack of an earlier connection is moot: that connection took its exclusive queue along.
+                self._channel.basic_ack(delivery_tag=item.ack.tag)
+            self.outbox.popleft()
+            if item.final and item.status is not None:
+                self._post(Published(item.status.request_id))
+
+    def _post(self, event: Delivery | Kill | Published) -> None:
+        self.inbox.put(event)
+        try:
+            self._wake.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a wake-up is pending already
+
+    def _on_request(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._post(Delivery(self.generation, method.delivery_tag, properties.correlation_id or "", bytes(body)))
+
+    def _on_kill(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
+        self._post(Kill(properties.correlation_id or ""))
+
+    def _log_unexpected(self, exc: Exception) -> None:
+        key = type(exc).__name__
+        n = self._errors[key] = self._errors.get(key, 0) + 1
+        if n == 1 or n % 1000 == 0:
+            log.error("broker link: unexpected %s (occurrence %d); reconnecting", key, n, exc_info=exc)
