@@ -1,10 +1,11 @@
 """Output path policy: only inside the allowed directories after resolving .. and symlinks."""
 import os
+import stat
 
 import pytest
 
 from core_buffer import parse_config
-from core_buffer.output import OutputPathError, resolve_output_path
+from core_buffer.output import OutputPathError, open_output_file, resolve_output_path
 
 
 @pytest.fixture
@@ -70,3 +71,44 @@ def test_output_keys_in_the_config():
                            "output_dirs": ["/data"], "file_mode": "0600"})
     assert config.output_dirs == ("/data",)
     assert config.file_mode == 0o600 and config.overwrite_files is False
+
+
+def test_open_output_file_creates_exactly_the_checked_file(roots):
+    import h5py
+
+    allowed, _ = roots
+    path = resolve_output_path(f"{allowed}/sub/run.h5", [str(allowed)])
+    fd = open_output_file(path, [str(allowed)], 0o640, overwrite=False)
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(path))
+        with h5py.File(f"/proc/self/fd/{fd}", "w") as f:  # how the writer opens it
+            f["x"] = [1, 2, 3]
+    finally:
+        os.close(fd)
+    with h5py.File(path, "r") as f:
+        assert list(f["x"][:]) == [1, 2, 3]
+    assert stat.S_IMODE(os.stat(path).st_mode) & ~0o640 == 0
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(roots):
+    """The race resolve_output_path cannot close alone: `sub` becomes a link to outside after the check."""
+    allowed, outside = roots
+    path = resolve_output_path(f"{allowed}/sub/run.h5", [str(allowed)])
+    os.rename(allowed / "sub", allowed / "sub.old")
+    os.symlink(outside, allowed / "sub")
+    with pytest.raises(OutputPathError, match="'sub' .* changed while it was being opened"):
+        open_output_file(path, [str(allowed)], 0o640, overwrite=False)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_file_swapped_for_a_symlink_after_the_check_is_not_written_through(roots):
+    allowed, outside = roots
+    target = outside / "precious"
+    target.write_bytes(b"keep me")
+    (allowed / "old.h5").write_bytes(b"x")
+    path = resolve_output_path(f"{allowed}/old.h5", [str(allowed)], overwrite=True)
+    os.unlink(path)
+    os.symlink(target, path)
+    with pytest.raises(OutputPathError, match="became a symbolic link"):
+        open_output_file(path, [str(allowed)], 0o640, overwrite=True)
+    assert target.read_bytes() == b"keep me"
