@@ -138,8 +138,10 @@ def main() -> int:
     log = open(workdir / "services.log", "w", buffering=1)
     launcher = Launcher(specs, output=log, cleanup=lambda: remove_buffers(config))
     launcher.start()
-    print(f"pipeline benchmark: 1-module Jungfrau, {seconds:g} s per step, files in {workdir}, "
-          f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    print(f"pipeline benchmark: 1-module Jungfrau, files in {workdir}, load average {os.getloadavg()[0]:.2f}",
+          file=sys.stderr)
+    print(f"step length: {seconds:g} s" + ("" if seconds >= 20 else
+                                          " (a quick run; --full gives 20 s steps, the figure to quote)"))
     best: tuple[float, dict[str, float]] | None = None
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -153,7 +155,7 @@ def main() -> int:
         rate = args.start
         while rate <= args.max_rate:
             ok, detail, cpu = run_step(config, config_path, launcher, rate, seconds, workdir)
-            print(f"step {rate:.0f} Hz: {'pass' if ok else 'FAIL'} ({detail})")
+            print(f"step {rate:.0f} Hz over {seconds:g} s: {'pass' if ok else 'FAIL'} ({detail})")
             if not ok:
                 failed = rate
                 break
@@ -163,7 +165,7 @@ def main() -> int:
             for _ in range(args.bisect):
                 rate = (passed + failed) / 2
                 ok, detail, cpu = run_step(config, config_path, launcher, rate, seconds, workdir)
-                print(f"step {rate:.0f} Hz: {'pass' if ok else 'FAIL'} ({detail})")
+                print(f"step {rate:.0f} Hz over {seconds:g} s: {'pass' if ok else 'FAIL'} ({detail})")
                 if ok:
                     passed, best = rate, (rate, cpu)
                 else:
@@ -175,7 +177,7 @@ def main() -> int:
         print(f"highest lossless rate: none (even {args.start:g} Hz lost images); see {workdir / 'services.log'}")
         return 1
     rate, cpu = best
-    print(f"highest lossless rate: {rate:.0f} Hz ({rate * config.image_bytes / 1e9:.2f} GB/s)"
+    print(f"highest lossless rate: {rate:.0f} Hz ({rate * config.image_bytes / 1e9:.2f} GB/s) over {seconds:g} s steps"
           + (" (the doubling reached --max-rate)" if failed is None else ""))
     for label, share in sorted(cpu.items()):
         print(f"cpu {label}: {share:.0f} % of one core")
