@@ -52,6 +52,19 @@ def _pedestal(args: argparse.Namespace) -> int:
     return pedestal_main(args.args)
 
 
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="std-daq", description="Operate a std-daq detector pipeline.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     pedestal.set_defaults(func=_pedestal)
 
     demo_cmd = commands.add_parser("demo", help="run a small local pipeline from the bundled config")
-    demo_cmd.add_argument("--images", type=int, default=demo.DEFAULT_IMAGES, help="images to write (default %(default)s)")
-    demo_cmd.add_argument("--rate", type=float, default=demo.DEFAULT_RATE_HZ, help="simulated frame rate in Hz (default %(default)s)")
+    demo_cmd.add_argument("--images", type=_positive(int), default=demo.DEFAULT_IMAGES, help="images to write (default %(default)s)")
+    demo_cmd.add_argument("--rate", type=_positive(float), default=demo.DEFAULT_RATE_HZ, help="simulated frame rate in Hz (default %(default)s)")
     demo_cmd.add_argument("--dir", default="std-daq-demo", help="where the config, logs and file go (default ./%(default)s)")
     demo_cmd.set_defaults(func=lambda args: demo.run_demo(args.images, args.rate, args.dir))
     return parser

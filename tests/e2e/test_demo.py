@@ -111,3 +111,11 @@ def test_a_broker_write_that_times_out_is_a_failed_write_not_a_traceback(make_co
     outcome = demo.write_via_broker(config, "/nowhere/x.h5", 10, timeout_s=5)
     assert not outcome.ok
     assert "no final status within 5 s" in outcome.detail and "writer_agent" in outcome.detail
+
+
+def test_demo_refuses_a_count_of_no_images_before_starting_anything(tmp_path):
+    result = subprocess.run([shutil.which("std-daq"), "demo", "--images", "0", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--images: must be more than 0" in result.stderr
+    assert not (tmp_path / "services.log").exists()
