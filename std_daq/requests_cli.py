@@ -119,7 +119,8 @@ class MonitorTable:
         try:
             body = json.loads(status.body)
             if isinstance(body, dict):
-                row["file"] = str(body.get("output_file", ""))[:60]
+                path = str(body.get("output_file", ""))
+                row["file"] = path if len(path) <= 60 else "..." + path[-57:]  # the file name is what tells runs apart
                 row["n_images"] = body.get("n_images", "")
         except ValueError:
             pass
