@@ -149,6 +149,8 @@ class DaqClient:
                       f"no writer_agent serves tag {tag!r}: the request was returned by the broker "
                       "(is writer_agent running for this detector, and connected?)")
         self.submitted[request_id] = (tag, time.monotonic())
+        if len(self.submitted) > RECEIVED_MAX:  # a client that submits and never waits
+            del self.submitted[next(iter(self.submitted))]
         return request_id
 
     def kill(self, request_id: str, *, tag: str) -> None:

@@ -49,6 +49,7 @@ STOP_GRACE_S = 3.0  # on SIGTERM, how long to wait for the writer to close the r
 FLUSH_GRACE_S = 2.0  # on SIGTERM, how long to wait for the broker to confirm the statuses still queued
 STARTING_REPORT_S = 1.0  # while std_h5_writer has not taken the start, a progress report this often
 START_RETRY_S = 0.02  # how often a start that std_h5_writer has not taken is sent again
+MAX_QUEUED_PROGRESS = 1000  # in a long broker outage, progress reports beyond this many waiting are dropped
 
 
 class AgentSettings:
@@ -101,7 +102,7 @@ class WriterAgent:
         self.counters = Counters("requests", "requests_succeeded", "requests_failed", "requests_rejected",
                                  "requests_killed", "images_forwarded", "sequence_gaps", "bad_messages",
                                  "writer_timeouts", "broker_connected", "broker_reconnects",
-                                 "statuses_pending", "busy")
+                                 "statuses_pending", "statuses_dropped", "busy")
         self.job: Job | None = None
         self.waiting: collections.deque[Delivery] = collections.deque()
         self.killed: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -132,6 +133,9 @@ class WriterAgent:
 
     def _publish(self, request_id: str, body: bytes, action: str, message: str,
                  ack: Delivery | None = None) -> None:
+        if action == broker.REQUEST_PROGRESS and self.link.pending() >= MAX_QUEUED_PROGRESS:
+            self.counters.statuses_dropped += 1  # stale by the time the broker is back; bodies can be 64 KiB
+            return
         status = broker.StatusMessage(request_id, action, SOURCE, message, body)
         final = action in broker.FINAL_ACTIONS
         if final:
@@ -251,7 +255,10 @@ class WriterAgent:
                 raise BadRequest("killed before it started: a kill for this request arrived while it was queued")
             request = parse_request(rid, delivery.body, output_dirs=self.config.output_dirs,
                                     overwrite=self.config.overwrite_files, max_images=self.settings.max_images)
-        except BadRequest as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the body does, the request gets its final status
+            if not isinstance(exc, BadRequest):
+                log.error("request %s: unexpected %s while reading it", rid, type(exc).__name__, exc_info=exc)
+                exc = BadRequest(f"writer_agent could not read the request ({type(exc).__name__}: {exc})")
             self.counters.requests_rejected += 1
             self.counters.requests_failed += 1
             log.warning("request %s refused: %s", rid or "(no id)", exc)
