@@ -24,13 +24,16 @@ BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
-# Segments of the tests' own detectors (see the detector_name fixture), in any namespace (a replica's
-# included); others on the machine (a running pipeline, a benchmark) are none of the leak guard's business.
-_TEST_SEGMENT = re.compile(r"^[^/]+-t[0-9a-f]{10}-(frames|images)$")
+# Segments of the detectors this test was given (see the detector_name fixture), in any namespace (a
+# replica's included); others on the machine (a running pipeline, a benchmark, another test run at the same
+# time) are none of the leak guard's business.
+_SEGMENT = re.compile(r"^[^/]+-(?P<detector>[^/]+)-(frames|images)$")
+_detectors_of_this_test: set[str] = set()
 
 
 def _segments() -> set[str]:
-    return {name for name in os.listdir(SHM_DIR) if _TEST_SEGMENT.match(name)}
+    return {name for name in os.listdir(SHM_DIR)
+            if (m := _SEGMENT.match(name)) and m["detector"] in _detectors_of_this_test}
 
 
 def _children() -> list[psutil.Process]:
@@ -47,6 +50,7 @@ def _children() -> list[psutil.Process]:
 @pytest.fixture(autouse=True)
 def leak_guard() -> Any:
     """Fail any test that leaves a std-daq shared-memory segment or a child process behind."""
+    _detectors_of_this_test.clear()
     before_segments = _segments()
     before_children = {p.pid for p in _children()}
     yield
@@ -73,7 +77,9 @@ def leak_guard() -> Any:
 @pytest.fixture
 def detector_name() -> str:
     """A detector name no other test uses, so shm and ipc names never collide."""
-    return "t" + uuid.uuid4().hex[:10]
+    name = "t" + uuid.uuid4().hex[:10]
+    _detectors_of_this_test.add(name)
+    return name
 
 
 ConfigFactory = Callable[..., tuple[Path, DetectorConfig]]
