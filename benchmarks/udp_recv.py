@@ -1,22 +1,32 @@
 """std_udp_recv on loopback with Jungfrau packets (8240 B).
 
 1. drain: the socket buffer is filled with at least 100k packets while the receiver waits, then the
-   receiver alone empties it into the FrameBuffer (frames decoded, placed, committed, pushed);
-2. bare: the same fill, emptied by a loop that only receives into one buffer (recvmmsg, and recv_into),
-   and the ratio of 1 to it;
-3. live: std_udp_sim and std_udp_recv as processes; the highest simulator rate (of those tried) at which
-   the receiver loses no packet over --live-seconds (default 10 s per rate).
+   receiver alone empties it into the FrameBuffer (frames checked, placed, committed, pushed); with the
+   default batch (128, one Jungfrau frame per call), with 64, and on the recv_into fallback path;
+2. bare: the same fill, emptied by a loop that only receives into one set of buffers (recvmmsg, and
+   recv_into), and the ratio of 1 to it;
+3. live: std_udp_sim and std_udp_recv as processes; simulator rates are tried upward and the highest one
+   at which the receiver loses no packet over --live-seconds is reported, with the rate the simulator
+   really achieved (a Python sender may fall short of what it was asked for).
 
-The receive buffer is forced large enough for the fill with SO_RCVBUFFORCE (needs root; otherwise the
-fill is limited by net.core.rmem_max and the figure says how many packets it held).
+The fill's receive buffer is forced large with SO_RCVBUFFORCE (needs root or CAP_NET_ADMIN; otherwise
+the fill is capped by net.core.rmem_max and the benchmark warns). The live receiver asks for its own
+buffer as configured (udp_recv.rcvbuf_bytes, 256 MiB), which it also gets only with SO_RCVBUFFORCE or a
+raised net.core.rmem_max: the live figure depends on it.
 
-    python benchmarks/udp_recv.py [--images 800] [--live-rates 500,1000,2000] [--live-seconds 10]
+Run it under the machine's benchmark lock:
+
+    flock /tmp/std-daq-heavy.lock .venv/bin/python benchmarks/udp_recv.py [--images 800]
+        [--live-rates 500,1000,2000,3000] [--live-seconds 10] [--long]
+
+The default run takes about a minute; --long tries more rates for 30 s each.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,19 +40,22 @@ from core_buffer.config import load_config
 from core_buffer.ipc import make_socket, module_frames_address
 from core_buffer.ringbuffer import FrameBuffer
 from std_udp_recv.batch import BatchReceiver
-from std_udp_recv.receiver import UdpReceiver
+from std_udp_recv.receiver import SO_RCVBUFFORCE, UdpReceiver
 from std_udp_recv.sim import Simulator
 
-SO_RCVBUFFORCE = 33
 PACKET_BYTES = 8240
+HEADER_BYTES = 48
+PACKETS_PER_IMAGE = 128
+MIN_FILL = 100_000
+LONG_RATES = "500,1000,1500,2000,2500,3000,4000"
 
 
-def make_config(workdir: Path, port: int) -> Path:
-    path = workdir / "bench-udp.json"
+def make_config(workdir: Path, port: int, **udp_recv) -> Path:
+    path = workdir / f"bench-udp-{len(list(workdir.iterdir()))}.json"
     path.write_text(json.dumps({
         "detector_name": f"benchudp{os.getpid()}", "detector_type": "jungfrau", "n_modules": 1, "bit_depth": 16,
         "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": port,
-        "frame_buffer_slots": 64, "image_buffer_slots": 4, "stats_interval_s": 1.0}))
+        "frame_buffer_slots": 64, "image_buffer_slots": 4, "stats_interval_s": 1.0, "udp_recv": udp_recv}))
     return path
 
 
@@ -50,7 +63,7 @@ def force_rcvbuf(sock: socket.socket, nbytes: int) -> int:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, nbytes)
     except PermissionError:
-        pass
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes)
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
 
 
@@ -61,57 +74,66 @@ def fill(config, n_images: int, start_id: int) -> int:
     return sim.stats.packets
 
 
-def drain_receiver(config, n_images: int) -> tuple[int, float, str]:
+def drain_receiver(config, n_images: int, repeats: int) -> tuple[list[int], list[float], str]:
+    """Fill, then drain with the receiver alone, `repeats` times: (packets held, seconds) per run."""
     receiver = UdpReceiver(config, 0)
-    pull = make_socket(zmq.Context.instance(), zmq.PULL, hwm=100000)
+    pull = make_socket(zmq.Context.instance(), zmq.PULL, hwm=1000000)
     pull.connect(module_frames_address(config, 0))
-    force_rcvbuf(receiver.sock, 2**31 - 1)
+    force_rcvbuf(receiver.sock, 2**30)
     time.sleep(0.2)
+    held, seconds = [], []
     try:
-        fill(config, n_images, 1)
-        start = time.perf_counter()
-        last = start
-        while True:
-            before = receiver.counters.packets
-            receiver.poll(0.05)
-            if receiver.counters.packets == before:
-                break
-            last = time.perf_counter()
-        return receiver.counters.packets, last - start, receiver.batch.path
+        for run in range(repeats):
+            fill(config, n_images, 1 + run * n_images)
+            before_run = receiver.counters.packets
+            start = last = time.perf_counter()
+            while True:
+                before = receiver.counters.packets
+                receiver.poll(0.05)
+                if receiver.counters.packets == before:
+                    break
+                last = time.perf_counter()
+            held.append(receiver.counters.packets - before_run)
+            seconds.append(last - start)
+            while pull.poll(0):  # what the assembler would have taken
+                pull.recv()
+        return held, seconds, receiver.batch.path
     finally:
         pull.close()
         receiver.close()
 
 
-def drain_bare(config, n_images: int, use_recvmmsg: bool) -> tuple[int, float]:
+def drain_bare(config, n_images: int, use_recvmmsg: bool, repeats: int) -> list[float]:
+    """Packets/s of a loop that only receives (64 per call, all into the same buffers), per fill."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    force_rcvbuf(sock, 2**31 - 1)
+    force_rcvbuf(sock, 2**30)
     sock.bind(("127.0.0.1", config.udp_port(0)))
-    batch = BatchReceiver(sock, 64, PACKET_BYTES, use_recvmmsg=use_recvmmsg)
+    batch = BatchReceiver(sock, 64, HEADER_BYTES, PACKET_BYTES - HEADER_BYTES, PACKET_BYTES, use_recvmmsg=use_recvmmsg)
+    rates = []
     try:
-        fill(config, n_images, 1)
-        received = 0
-        start = time.perf_counter()
-        last = start
-        while batch.wait(0.05):
-            n = batch.receive()
-            received += n
-            last = time.perf_counter()
-        return received, last - start
+        for _ in range(repeats):
+            fill(config, n_images, 1)
+            received = 0
+            start = last = time.perf_counter()
+            while batch.wait(0.05):
+                received += batch.receive(batch.batch)
+                last = time.perf_counter()
+            rates.append(received / (last - start))
+        return sorted(rates)
     finally:
         sock.close()
 
 
-def live(config_path: Path, rate: float, seconds: float) -> tuple[int, int, float]:
-    """(packets sent, packets lost, receiver CPU %) of one live run."""
+def live(config_path: Path, rate: float, seconds: float) -> dict:
+    """One live run: packets sent and lost, the simulator's achieved rate, the receiver's CPU and buffer."""
     import psutil
 
     recv = subprocess.Popen(["std_udp_recv", str(config_path), "0", "--stats-interval", "1000"],
-                            stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     proc = psutil.Process(recv.pid)
     cpu0 = proc.cpu_times()
-    n = int(rate * seconds)
+    n = max(1, int(rate * seconds))
     t0 = time.monotonic()
     sim = subprocess.run(["std_udp_sim", str(config_path), "--rate", str(rate), "--n-images", str(n)],
                          capture_output=True, text=True)
@@ -120,52 +142,91 @@ def live(config_path: Path, rate: float, seconds: float) -> tuple[int, int, floa
     cpu1 = proc.cpu_times()
     recv.terminate()
     _, err = recv.communicate(timeout=30)
-    stats = {}
+    stats, rcvbuf, path = {}, "?", "?"
     for line in err.splitlines():
         if " stats " in line:
-            stats = dict(kv.split("=") for kv in line.split(" stats ", 1)[1].split())
-    sent = n * 128
-    lost = sent - int(stats.get("packets", 0))
-    cpu = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed
-    return sent, lost, cpu
+            stats = dict(kv.split("=", 1) for kv in line.split(" stats ", 1)[1].split())
+        elif "UDP receive buffer" in line:
+            found = re.search(r"(granted )?(\d+) MiB.*?\((SO_RCVBUF\w*)\)", line)
+            rcvbuf = f"{found.group(2)} MiB via {found.group(3)}" if found else line
+        elif "listening on" in line:
+            found = re.search(r"\((\w+), batches of (\d+)\)", line)
+            path = f"{found.group(1)}, batch {found.group(2)}" if found else "?"
+    achieved = re.search(r"([\d.]+) images/s achieved", sim.stdout)
+    sent = n * PACKETS_PER_IMAGE
+    return {"sent": sent, "lost": sent - int(stats.get("packets", 0)),
+            "achieved_hz": float(achieved.group(1)) if achieved else n / elapsed,
+            "cpu": 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed,
+            "rcvbuf": rcvbuf, "path": path}
+
+
+def gbps(packets_per_s: float) -> float:
+    return packets_per_s * PACKET_BYTES / 1e9
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=800, help="images (x128 packets) in the fill (default 800)")
-    parser.add_argument("--live-rates", default="500,1000,2000", help="simulator rates to try, Hz")
-    parser.add_argument("--live-seconds", type=float, default=10.0)
+    parser.add_argument("--live-rates", default=None, help="simulator rates to try upward, Hz "
+                        "(default 500,1000,2000,3000; with --long " + LONG_RATES + ")")
+    parser.add_argument("--live-seconds", type=float, default=None, help="seconds per rate (default 10; --long 30)")
+    parser.add_argument("--long", action="store_true", help="more rates, longer runs")
+    parser.add_argument("--repeats", type=int, default=3, help="drains per receiver setting (default 3): the "
+                        "machine is shared, so the median and the best are printed")
+    parser.add_argument("--no-live", action="store_true", help="only the drain and bare figures")
     args = parser.parse_args()
+    rates = args.live_rates or (LONG_RATES if args.long else "500,1000,2000,3000")
+    live_seconds = args.live_seconds or (30.0 if args.long else 10.0)
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
     workdir = Path(tempfile.mkdtemp(prefix="std-daq-bench-udp-"))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config_path = make_config(workdir, port)
-    config = load_config(config_path)
+    configs = {name: load_config(make_config(workdir, port, **udp))
+               for name, udp in (("batch 128", {}), ("batch 64", {"batch": 64}), ("recv_into", {"recvmmsg": False}))}
+    config = configs["batch 128"]
     print(f"load average: {os.getloadavg()[0]:.2f}")
     try:
-        received, seconds, path = drain_receiver(config, args.images)
-        rate = received / seconds
-        print(f"fill: {received} packets held ({args.images * 128} sent)")
-        print(f"drain ({path}): {rate:.0f} packets/s ({rate * PACKET_BYTES / 1e9:.2f} GB/s)")
-        bare_received, bare_seconds = drain_bare(config, args.images, True)
-        bare = bare_received / bare_seconds
-        print(f"bare recvmmsg loop: {bare:.0f} packets/s ({bare * PACKET_BYTES / 1e9:.2f} GB/s)")
-        plain_received, plain_seconds = drain_bare(config, args.images, False)
-        plain = plain_received / plain_seconds
-        print(f"bare recv_into loop: {plain:.0f} packets/s ({plain * PACKET_BYTES / 1e9:.2f} GB/s)")
-        print(f"ratio drain/bare recvmmsg: {rate / bare:.2f}")
-        print(f"ratio drain/target 300k: {rate / 300000:.2f}")
-        best = 0.0
-        for live_rate in (float(r) for r in args.live_rates.split(",")):
-            sent, lost, cpu = live(config_path, live_rate, args.live_seconds)
-            print(f"live {live_rate:.0f} Hz: {sent} packets sent, {lost} lost, receiver cpu {cpu:.0f} %")
-            if lost:
+        drain = {}
+        for name, cfg in configs.items():
+            held, seconds, path = drain_receiver(cfg, args.images, args.repeats)
+            rates = sorted(h / s for h, s in zip(held, seconds))
+            drain[name] = median = rates[len(rates) // 2]
+            label = f"{path}, batch {cfg.section('udp_recv').raw('batch', 128)}" if path == "recvmmsg" else path
+            print(f"drain ({label}), median of {len(rates)}: {median:.0f} packets/s ({gbps(median):.2f} GB/s)")
+            print(f"drain ({label}), best of {len(rates)}: {rates[-1]:.0f} packets/s ({gbps(rates[-1]):.2f} GB/s)")
+            print(f"fill ({label}), fewest packets held: {min(held)} packets")
+            if min(held) < MIN_FILL:
+                print(f"WARNING: a fill held only {min(held)} packets (< {MIN_FILL}): the socket buffer is too "
+                      f"small (net.core.rmem_max without root) or packets were dropped; drain figures are less "
+                      f"reliable")
+        for use_recvmmsg in (True, False):
+            rates = drain_bare(config, args.images, use_recvmmsg, args.repeats)
+            median = rates[len(rates) // 2]
+            name = "recvmmsg" if use_recvmmsg else "recv_into"
+            print(f"bare {name} loop, median of {len(rates)}: {median:.0f} packets/s ({gbps(median):.2f} GB/s)")
+            if use_recvmmsg:
+                bare = median
+        best = drain["batch 128"]
+        print(f"ratio drain (recvmmsg, batch 128, median) / bare recvmmsg: {best / bare:.2f}")
+        print(f"ratio drain (recvmmsg, batch 128, median) / target 300k packets/s: {best / 300000:.2f}")
+        if args.no_live:
+            return 0
+        config_path = make_config(workdir, port)
+        lossless = None
+        for live_rate in (float(r) for r in rates.split(",")):
+            run = live(config_path, live_rate, live_seconds)
+            print(f"live {live_rate:.0f} Hz asked, {run['achieved_hz']:.0f} Hz achieved by the simulator: "
+                  f"{run['sent']} packets sent, {run['lost']} lost, receiver cpu {run['cpu']:.0f} % "
+                  f"({run['path']}, receive buffer {run['rcvbuf']})")
+            if run["lost"]:
                 break
-            best = live_rate
-        print(f"highest lossless simulator rate: {best:.0f} Hz ({best * 128:.0f} packets/s) over "
-              f"{args.live_seconds:g} s" if best else "highest lossless simulator rate: none of those tried")
+            lossless = (live_rate, run["achieved_hz"])
+        if lossless:
+            print(f"highest lossless live rate: {lossless[1]:.0f} Hz achieved ({lossless[1] * PACKETS_PER_IMAGE:.0f} "
+                  f"packets/s; {lossless[0]:.0f} Hz asked) over {live_seconds:g} s")
+        else:
+            print("highest lossless live rate: none of those tried")
     finally:
         FrameBuffer.for_config(config).unlink()
     return 0

@@ -3,8 +3,9 @@
 Pixel content is core_buffer.pattern's, so tests recompute every pixel. Each module's packets for an image
 are built in one array: the pattern's bytes are laid out once, and per image only the header fields and
 the image-id stamp of every row change. Faults for tests are injected per frame: random or periodic
-packet drops, duplicates, reordering within the frame, and malformed datagrams of every kind the
-receiver must survive.
+packet drops (or a fixed list of packet numbers), duplicates, reordering within the frame (a shuffle, or
+swapped neighbours), and malformed datagrams of every kind the receiver must survive, sent in the middle
+of the frame's packets.
 """
 from __future__ import annotations
 
@@ -18,8 +19,19 @@ import numpy as np
 from core_buffer.config import DetectorConfig
 from core_buffer.detectors import GF_HEADER_DTYPE, GF_PROTOCOL_ID, GIGAFROST, SLS_HEADER_DTYPE, gigafrost_quadrant_link, pack_12bit
 from core_buffer.pattern import STAMP_COLUMNS, frame_bytes, stamp
+from std_udp_recv.packets import SLS_DETECTOR_TYPE, SLS_HEADER_VERSION
 
-SLS_DETECTOR_TYPE = {"jungfrau": 3, "eiger": 1}
+REORDER_MODES = ("shuffle", "swap")
+# Malformed datagrams, sent in this order (cycling) when faults ask for them:
+MALFORMED_KINDS = (
+    "short",  # shorter than a header
+    "long",  # a valid packet with 7 bytes too many
+    "garbage",  # random header bytes
+    "bad_number",  # packet number beyond the frame
+    "wrong_type",  # valid length and number, but SLS detectortype (Gigafrost: protocol id) of another detector
+    "foreign_id",  # a valid packet in every field but its image id, which is FOREIGN_ID_OFFSET ahead
+)
+FOREIGN_ID_OFFSET = 1_000_003
 
 
 @dataclass
@@ -27,9 +39,24 @@ class Faults:
     drop_fraction: float = 0.0  # each packet dropped with this probability
     drop_every: int = 0  # drop one packet (number image_id % n_packets) of every image with id % N == 0
     duplicate_fraction: float = 0.0
-    reorder: bool = False  # shuffle the packet order within each frame
-    malformed_per_frame: int = 0  # extra malformed datagrams per frame (short, long, garbage, bad number)
+    reorder: str | bool = ""  # "shuffle" the packets of each frame, or "swap" neighbours (0, 2, 1, 4, 3, ...)
+    malformed_per_frame: int = 0  # extra malformed datagrams per frame, of the kinds below in turn
     seed: int = 1
+    drop_packets: tuple[int, ...] = ()  # packet numbers dropped from every frame
+    malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
+
+    def __post_init__(self) -> None:
+        if self.reorder is True:
+            self.reorder = "shuffle"
+        if self.reorder not in ("", False, *REORDER_MODES):
+            raise ValueError(f"reorder must be one of {REORDER_MODES}, not {self.reorder!r}")
+        unknown = set(self.malformed_kinds) - set(MALFORMED_KINDS)
+        if unknown:
+            raise ValueError(f"unknown malformed kinds {sorted(unknown)}; known: {MALFORMED_KINDS}")
+
+    @property
+    def reorders(self) -> bool:
+        return self.reorder in REORDER_MODES
 
 
 @dataclass
@@ -40,6 +67,12 @@ class SimStats:
     duplicated: int = 0
     malformed: int = 0
     dropped_ids: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # time run() took
+
+    @property
+    def rate_hz(self) -> float:
+        """Images per second that run() achieved."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 class ModuleSender:
@@ -73,6 +106,8 @@ class ModuleSender:
         stamp_bytes = STAMP_COLUMNS * stream.bit_depth // 8
         self.stamp_offset = (hdr + starts % stream.packet_data_bytes)[:, None] + np.arange(stamp_bytes)[None, :]
         self.address = ("127.0.0.1", config.udp_port(module_id))
+        # One view per datagram, made once: build() rewrites the packets in place.
+        self.views = [memoryview(self.packets[k, :self.lengths[k]]) for k in range(n)]
 
     def _init_headers(self, config: DetectorConfig) -> None:
         h, stream, n = self.headers, self.stream, self.stream.packets_per_frame
@@ -89,7 +124,7 @@ class ModuleSender:
             h["moduleID"] = self.module_id
             h["row"] = self.module_id % 2 if config.jungfrau_interfaces == 2 else self.module_id
             h["detectortype"] = SLS_DETECTOR_TYPE[stream.detector_type]
-            h["headerVersion"] = 2
+            h["headerVersion"] = SLS_HEADER_VERSION
 
     def _stamp_bytes(self, image_id: int) -> np.ndarray:
         pixels = stamp(image_id)
@@ -110,7 +145,7 @@ class ModuleSender:
         self.packets[self.stamp_packet, self.stamp_offset] = self._stamp_bytes(image_id)
 
     def datagram(self, k: int) -> memoryview:
-        return memoryview(self.packets[k, :self.lengths[k]])
+        return self.views[k]
 
 
 class Simulator:
@@ -129,8 +164,15 @@ class Simulator:
     def _order(self, n: int, image_id: int) -> list[int]:
         f = self.faults
         order = list(range(n))
-        if f.reorder:
+        if f.reorder == "shuffle":
             self.rng.shuffle(order)
+        elif f.reorder == "swap":  # 0, 2, 1, 4, 3, ...: the first and (for an even count) the last packet stay
+            for k in range(1, n - 1, 2):
+                order[k], order[k + 1] = order[k + 1], order[k]
+        if f.drop_packets:
+            kept = [k for k in order if k not in f.drop_packets]
+            self.stats.dropped += len(order) - len(kept)
+            order = kept
         if f.drop_every and image_id % f.drop_every == 0:
             order.remove(image_id % n)
             self.stats.dropped += 1
@@ -146,41 +188,86 @@ class Simulator:
         return order
 
     def _malformed(self, sender: ModuleSender, image_id: int) -> list[bytes]:
-        """Datagrams of every malformed kind: short, long, garbage header, packet number out of range."""
+        """`malformed_per_frame` datagrams of the faults' kinds in turn (MALFORMED_KINDS), built from the
+        frame's packet 0 (its header already says `image_id`)."""
         good = bytes(sender.datagram(0))
         hdr = sender.hdr
-        out = [good[:hdr - 5], good + b"\x00" * 7, bytes(self.rng.getrandbits(8) for _ in range(hdr)) + good[hdr:]]
-        bad_number = bytearray(good)
-        if sender.gigafrost:
-            bad_number[14:16] = (sender.stream.frame_height + sender.stream.rows_per_packet).to_bytes(2, "little")
-        else:
-            bad_number[12:16] = (sender.stream.packets_per_frame + 3).to_bytes(4, "little")
-        out.append(bytes(bad_number))
-        return [out[k % len(out)] for k in range(self.faults.malformed_per_frame)]
+        out = []
+        for i in range(self.faults.malformed_per_frame):
+            kind = self.faults.malformed_kinds[i % len(self.faults.malformed_kinds)]
+            if kind == "short":
+                out.append(good[:hdr - 5])
+            elif kind == "long":
+                out.append(good + b"\x00" * 7)
+            elif kind == "garbage":
+                out.append(bytes(self.rng.getrandbits(8) for _ in range(hdr)) + good[hdr:])
+            else:
+                bad = bytearray(good)
+                if kind == "bad_number":
+                    if sender.gigafrost:
+                        row = sender.stream.frame_height + sender.stream.rows_per_packet
+                        bad[14:16] = row.to_bytes(2, "little")
+                    else:
+                        bad[12:16] = (sender.stream.packets_per_frame + 3).to_bytes(4, "little")
+                elif kind == "wrong_type":
+                    if sender.gigafrost:
+                        bad[0] = GF_PROTOCOL_ID ^ 0x01
+                    else:
+                        bad[46] = SLS_DETECTOR_TYPE["eiger" if sender.stream.detector_type == "jungfrau" else "jungfrau"]
+                else:  # foreign_id
+                    foreign = image_id + FOREIGN_ID_OFFSET
+                    if sender.gigafrost:
+                        bad[8:12] = (foreign & 0xFFFFFFFF).to_bytes(4, "little")
+                    else:
+                        bad[0:8] = foreign.to_bytes(8, "little")
+                        bad[16:24] = np.float64(foreign).tobytes()  # bunchid, for pulse-id configs
+                out.append(bytes(bad))
+        return out
 
     def send_image(self, image_id: int) -> None:
-        send, st = self.sock.sendto, self.stats
+        st, f = self.stats, self.faults
         for sender in self.senders:
             sender.build(image_id)
             address = sender.address
-            if self.faults.malformed_per_frame:
-                for datagram in self._malformed(sender, image_id):
-                    send(datagram, address)
-                    st.malformed += 1
-            if (self.faults.reorder or self.faults.drop_every or self.faults.drop_fraction
-                    or self.faults.duplicate_fraction):
-                order = self._order(len(sender.lengths), image_id)
-            else:
-                order = range(len(sender.lengths))
-            for k in order:
-                while True:
+            n = len(sender.lengths)
+            if not (f.reorders or f.drop_every or f.drop_fraction or f.duplicate_fraction or f.drop_packets
+                    or f.malformed_per_frame):
+                send = self.sock.sendto
+                for datagram in sender.views:  # the plain case, as fast as Python sends
                     try:
-                        send(sender.datagram(k), address)
-                        break
+                        send(datagram, address)
                     except BlockingIOError:
-                        time.sleep(0.0001)
+                        self._send_one(datagram, address)
+                st.packets += n
+                continue
+            order = self._order(n, image_id)
+            # Malformed datagrams go in the middle of the frame (after packet n // 2 is sent), where the
+            # receiver has the frame open and aims at the positions that follow.
+            malformed = self._malformed(sender, image_id) if f.malformed_per_frame else []
+            middle = n // 2 + 1
+            for i, k in enumerate(order):
+                if i == middle and malformed:
+                    self._send_all(malformed, address)
+                    st.malformed += len(malformed)
+                    malformed = []
+                self._send_one(sender.views[k], address)
                 st.packets += 1
+            if malformed:
+                self._send_all(malformed, address)
+                st.malformed += len(malformed)
         st.images += 1
+
+    def _send_one(self, datagram, address) -> None:
+        while True:
+            try:
+                self.sock.sendto(datagram, address)
+                return
+            except BlockingIOError:
+                time.sleep(0.0001)
+
+    def _send_all(self, datagrams, address) -> None:
+        for datagram in datagrams:
+            self._send_one(datagram, address)
 
     def run(self, rate_hz: float, n_images: int | None, start_id: int = 1, stop=None) -> SimStats:
         """Send images start_id, start_id + 1, ... at `rate_hz` (0: as fast as possible)."""
@@ -196,6 +283,7 @@ class Simulator:
                     time.sleep(delay)
             self.send_image(start_id + i)
             i += 1
+        self.stats.seconds = time.monotonic() - t0
         return self.stats
 
     def close(self) -> None:

@@ -23,6 +23,26 @@ def _modules(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def _packet_numbers(text: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of packet numbers, e.g. 0,5,127") from None
+    if any(k < 0 for k in numbers):
+        raise argparse.ArgumentTypeError("packet numbers are 0 or more")
+    return numbers
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    from std_udp_recv.sim import MALFORMED_KINDS
+
+    kinds = tuple(part for part in text.split(",") if part)
+    unknown = sorted(set(kinds) - set(MALFORMED_KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"kinds are {','.join(MALFORMED_KINDS)}")
+    return kinds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="std_udp_sim", description=__doc__)
     p.add_argument("config", help="detector config JSON file")
@@ -36,8 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--drop-every", type=int, default=0, metavar="N",
                         help="drop one packet of every image whose id is a multiple of N")
     faults.add_argument("--duplicate", type=float, default=0.0, metavar="FRACTION", help="send packets twice")
-    faults.add_argument("--reorder", action="store_true", help="shuffle the packets within each frame")
-    faults.add_argument("--malformed", type=int, default=0, metavar="N", help="malformed datagrams per frame")
+    faults.add_argument("--drop-packets", type=_packet_numbers, default=(), metavar="K,K,...",
+                        help="drop these packet numbers from every frame")
+    faults.add_argument("--reorder", nargs="?", const="shuffle", default="", choices=("shuffle", "swap"),
+                        help="reorder the packets within each frame: shuffle them (the default when given "
+                             "alone), or swap neighbours (0, 2, 1, 4, 3, ...)")
+    faults.add_argument("--malformed", type=int, default=0, metavar="N",
+                        help="malformed datagrams per frame, sent in the middle of it")
+    faults.add_argument("--malformed-kinds", type=_kinds, default=None, metavar="KIND,...",
+                        help="which kinds, in turn (default all: short,long,garbage,bad_number,wrong_type,"
+                             "foreign_id)")
     faults.add_argument("--seed", type=int, default=1)
     return p
 
@@ -58,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     if modules is not None and any(not 0 <= m < config.n_modules for m in modules):
         print(f"std_udp_sim: --modules must be between 0 and {config.n_modules - 1}", file=sys.stderr)
         return 2
-    sim = Simulator(config, modules, args.host, Faults(args.drop, args.drop_every, args.duplicate, args.reorder,
-                                                      args.malformed, args.seed))
+    faults = Faults(drop_fraction=args.drop, drop_every=args.drop_every, duplicate_fraction=args.duplicate,
+                    reorder=args.reorder, malformed_per_frame=args.malformed, seed=args.seed,
+                    drop_packets=args.drop_packets)
+    if args.malformed_kinds:
+        faults.malformed_kinds = args.malformed_kinds
+    sim = Simulator(config, modules, args.host, faults)
     try:
         stats = sim.run(args.rate, args.n_images, args.start_id, stop)
     finally:
         sim.close()
     print(f"std_udp_sim: sent {stats.images} images, {stats.packets} packets to {len(sim.senders)} modules "
-          f"({stats.dropped} dropped, {stats.duplicated} duplicated, {stats.malformed} malformed on purpose)",
-          flush=True)
+          f"({stats.dropped} dropped, {stats.duplicated} duplicated, {stats.malformed} malformed on purpose) "
+          f"in {stats.seconds:.2f} s: {stats.rate_hz:.0f} images/s achieved", flush=True)
     return 0
 
 

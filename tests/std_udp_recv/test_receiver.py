@@ -1,7 +1,7 @@
 """Simulator -> receiver over real loopback UDP, into a real FrameBuffer, frames pushed over real ZMQ."""
 from __future__ import annotations
 
-import socket
+import os
 import subprocess
 import time
 
@@ -15,13 +15,15 @@ from core_buffer.errors import ConfigError
 from core_buffer.formats import ModuleFrame
 from core_buffer.ipc import make_socket, module_frames_address
 from core_buffer.pattern import frame_bytes
-from std_udp_recv.packets import PacketDecoder
-from std_udp_recv.receiver import UdpReceiver
-from std_udp_recv.sim import Faults, Simulator
+from std_udp_recv.packets import MALFORMED_KINDS, PacketDecoder
+from std_udp_recv.receiver import RECENT_FRAMES, UdpReceiver, open_udp_socket
+from std_udp_recv.sim import FOREIGN_ID_OFFSET, Faults, Simulator
 
 DETECTORS = {
     "jungfrau": dict(detector_type="jungfrau", n_modules=2, image_pixel_height=1024),
     "jungfrau-2if": dict(detector_type="jungfrau", n_modules=2, jungfrau_interfaces=2, image_pixel_height=512),
+    "jungfrau-pulse-id": dict(detector_type="jungfrau", n_modules=2, image_pixel_height=1024,
+                              image_id_source="pulse_id"),
     "eiger16": dict(detector_type="eiger", n_modules=2, bit_depth=16, image_pixel_height=514, image_pixel_width=514,
                     module_positions={"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}),
     "eiger32": dict(detector_type="eiger", n_modules=2, bit_depth=32, image_pixel_height=514, image_pixel_width=514,
@@ -134,16 +136,176 @@ def test_lost_packets_are_zero_filled_and_counted_reordered_and_duplicates_land_
     assert sum(r.counters.duplicate_packets + r.counters.late_packets for r in r.receivers) == r.sim.stats.duplicated
 
 
-def test_malformed_datagrams_are_counted_by_kind_and_valid_frames_survive(rig):
-    r = rig("gigafrost", Faults(malformed_per_frame=8))
-    r.send(7, 8)
+@pytest.mark.parametrize("detector", ["jungfrau", "eiger16", "gigafrost"])
+@pytest.mark.parametrize("recvmmsg", [True, False], ids=["recvmmsg", "recv_into"])
+def test_malformed_datagrams_mid_frame_are_counted_by_kind_and_frames_stay_intact(rig, detector, recvmmsg):
+    # One datagram of each kind per frame, sent after half the frame: on the recvmmsg path they land in
+    # the slot positions the receiver aimed at for the packets that follow.
+    r = rig(detector, Faults(malformed_per_frame=6), udp_recv={"recvmmsg": recvmmsg, "frame_timeout_s": 0.05})
+    r.send(7, 8, 9)
+    r.drain(3)
+    time.sleep(0.06)  # the last frame's foreign id is held until the timeout, then counted
+    for receiver in r.receivers:
+        receiver.poll(0.01)
+    stream = r.config.stream
+    for m, receiver in enumerate(r.receivers):
+        c = receiver.counters
+        assert (c.bad_length_packets, c.bad_header_packets, c.bad_packet_number_packets, c.stray_packets) == (6, 6, 3, 3)
+        assert c.malformed_packets == 18
+        assert c.complete_frames == 3 and c.frames == 3 and c.lost_packets == 0 and c.restarts == 0
+        assert [f.id for f in r.pushed(m)] == [7, 8, 9]
+        for image_id in (7, 8, 9):
+            assert np.array_equal(receiver.frames.frame_data(image_id, m), frame_bytes(stream, m, image_id))
+
+
+@pytest.mark.parametrize("detector,batch", [("jungfrau", 128), ("jungfrau", 64), ("eiger16", 128), ("eiger32", 16)])
+@pytest.mark.parametrize("recvmmsg", [True, False], ids=["recvmmsg", "recv_into"])
+def test_swapped_neighbours_land_at_their_own_offsets(rig, detector, batch, recvmmsg):
+    # Packets arrive 0, 2, 1, 4, 3, ...: a batch whose first and last packets are in order but whose
+    # middle is not (the case a first/last check would take for "in order").
+    r = rig(detector, Faults(reorder="swap"), udp_recv={"batch": batch, "recvmmsg": recvmmsg})
+    r.send(1, 2)
     r.drain(2)
     for m, receiver in enumerate(r.receivers):
         c = receiver.counters
-        assert c.malformed_packets == 16
-        assert c.bad_length_packets == 8 and c.bad_header_packets == 4 and c.bad_packet_number_packets == 4
-        assert c.complete_frames == 2
-        assert np.array_equal(receiver.frames.frame_data(8, m), frame_bytes(r.config.stream, m, 8))
+        assert (c.complete_frames, c.lost_packets, c.duplicate_packets, c.malformed_packets) == (2, 0, 0, 0)
+        for image_id in (1, 2):
+            assert np.array_equal(receiver.frames.frame_data(image_id, m), frame_bytes(r.config.stream, m, image_id))
+
+
+@pytest.mark.parametrize("detector", ["jungfrau", "eiger16"])
+def test_first_middle_and_last_packets_dropped_are_zero_filled(rig, detector):
+    stream_packets = 128 if detector == "jungfrau" else 64
+    dropped = (0, stream_packets // 2, stream_packets - 1)
+    r = rig(detector, Faults(drop_packets=dropped), udp_recv={"frame_timeout_s": 0.05})
+    r.send(3, 4, 5)
+    time.sleep(0.06)
+    r.drain(3)
+    stream = r.config.stream
+    for m, receiver in enumerate(r.receivers):
+        c = receiver.counters
+        assert (c.incomplete_frames, c.lost_packets, c.malformed_packets) == (3, 9, 0)
+        assert [f.n_recv_packets for f in r.pushed(m)] == [stream_packets - 3] * 3
+        for image_id in (3, 4, 5):
+            expected = frame_bytes(stream, m, image_id).copy()
+            for k in dropped:
+                expected[k * stream.packet_data_bytes:(k + 1) * stream.packet_data_bytes] = 0
+            assert np.array_equal(receiver.frames.frame_data(image_id, m), expected)
+
+
+def _datagram(r, image_id: int, packet: int, module: int = 0) -> bytes:
+    sender = r.sim.senders[module]
+    sender.build(image_id)
+    return bytes(sender.datagram(packet))
+
+
+def _send_frame_around(r, image_id: int, inserted: list[bytes], module: int = 0) -> None:
+    """Frame `image_id` of one module with `inserted` datagrams sent after its first half."""
+    sender = r.sim.senders[module]
+    n = r.config.stream.packets_per_frame
+    sender.build(image_id)
+    for k in range(n):
+        if k == n // 2:
+            for datagram in inserted:
+                r.sim.sock.sendto(datagram, sender.address)
+        r.sim.sock.sendto(sender.datagram(k), sender.address)
+
+
+def _poll_until(receiver, frames: int, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while receiver.counters.frames < frames and time.monotonic() < deadline:
+        receiver.poll(0.01)
+
+
+def test_a_stray_packet_of_a_foreign_id_neither_closes_nor_damages_the_open_frame(rig):
+    r = rig("jungfrau", modules=[0], udp_recv={"frame_timeout_s": 0.05})
+    receiver = r.receivers[0]
+    r.sim.send_image(1)
+    _send_frame_around(r, 2, [_datagram(r, 2 + FOREIGN_ID_OFFSET, 3)])  # valid in all but its id
+    r.sim.send_image(3)
+    _poll_until(receiver, 3)
+    c = receiver.counters
+    assert (c.complete_frames, c.incomplete_frames, c.stray_packets, c.malformed_packets) == (3, 0, 1, 1)
+    assert [f.id for f in r.pushed(0)] == [1, 2, 3]
+    assert np.array_equal(receiver.frames.frame_data(2, 0), frame_bytes(r.config.stream, 0, 2))
+
+
+def test_a_small_jump_back_is_late_and_a_repeated_one_is_a_restart(rig):
+    r = rig("eiger16", modules=[0], udp_recv={"frame_timeout_s": 0.05})
+    receiver = r.receivers[0]
+    first = RECENT_FRAMES + 10
+    r.send(*range(1, first))  # ids 1 .. first - 1; the oldest are no longer among the recent ones
+    _poll_until(receiver, first - 1)
+    # One old packet (older than the recent frames) in the middle of the next frame: late, not a restart.
+    _send_frame_around(r, first, [_datagram(r, 2, 5)])
+    _poll_until(receiver, first)
+    time.sleep(0.06)  # the old id is held until the timeout, then counted
+    receiver.poll(0.01)
+    c = receiver.counters
+    assert (c.late_packets, c.restarts, c.complete_frames) == (1, 0, first)
+    # The detector restarts at id 1: the jump back repeats, so it is followed, and no packet of it is lost.
+    r.send(1, 2)
+    _poll_until(receiver, first + 2)
+    assert (c.restarts, c.complete_frames, c.lost_packets) == (1, first + 2, 0)
+    assert [f.id for f in r.pushed(0)][-3:] == [first, 1, 2]
+    assert np.array_equal(receiver.frames.frame_data(1, 0), frame_bytes(r.config.stream, 0, 1))
+
+
+def test_a_packet_of_the_other_half_module_is_rejected_in_two_interface_mode(rig):
+    r = rig("jungfrau-2if")
+    receiver = r.receivers[0]
+    other_half = _datagram(r, 6, 10, module=1)  # row 1: belongs to module 1's port
+    _send_frame_around(r, 6, [other_half], module=0)
+    _poll_until(receiver, 1)
+    c = receiver.counters
+    assert (c.bad_header_packets, c.complete_frames) == (1, 1)
+    assert np.array_equal(receiver.frames.frame_data(6, 0), frame_bytes(r.config.stream, 0, 6))
+
+
+def test_datagrams_that_are_not_its_packets_do_not_keep_a_frame_open(rig):
+    r = rig("jungfrau", modules=[0], faults=Faults(drop_packets=(100,)), udp_recv={"frame_timeout_s": 0.05})
+    receiver = r.receivers[0]
+    r.sim.send_image(1)  # open: packet 100 never comes
+    duplicate, short = _datagram(r, 1, 5), _datagram(r, 2, 5)[:100]
+    sender = r.sim.senders[0]
+    # Keep sending a duplicate of one of its packets and short datagrams, far longer than the timeout.
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        r.sim.sock.sendto(duplicate, sender.address)
+        r.sim.sock.sendto(short, sender.address)
+        receiver.poll(0.005)
+    assert receiver.counters.frames == 1  # finished by its timeout while the traffic went on
+    assert receiver.counters.duplicate_packets > 0 and receiver.counters.bad_length_packets > 0
+
+
+def test_poll_returns_after_its_time_budget_with_datagrams_still_queued(rig):
+    r = rig("jungfrau", modules=[0])
+    receiver = r.receivers[0]
+    r.sim.run(0, 3, start_id=1)  # 384 datagrams queued
+    receiver.poll(0.0)  # no time at all: one receive call
+    assert 0 < receiver.counters.packets <= receiver.settings.batch
+    _poll_until(receiver, 3)
+    assert receiver.counters.complete_frames == 3
+
+
+def test_stop_takes_what_was_queued_but_not_more(rig):
+    r = rig("jungfrau")
+    r.sim.run(0, 3, start_id=1)  # 384 datagrams queued for each module
+    whole, bounded = r.receivers
+    whole.stop()
+    assert (whole.counters.packets, whole.counters.complete_frames) == (384, 3)
+    bounded._queued_bytes = lambda: 10 * r.config.stream.packet_bytes  # as if 10 had been queued at the stop
+    bounded.stop()
+    assert 10 <= bounded.counters.packets <= bounded.settings.batch
+
+
+def test_receive_buffer_is_forced_past_rmem_max_where_allowed(make_config):
+    sock, granted, option = open_udp_socket("127.0.0.1", 0, 64 * 2**20)
+    sock.close()
+    if os.geteuid() == 0:  # CAP_NET_ADMIN: net.core.rmem_max does not apply
+        assert (option, granted) == ("SO_RCVBUFFORCE", 64 * 2**20)
+    else:
+        assert option == "SO_RCVBUF"
 
 
 def test_last_frame_is_finished_by_the_timeout(rig):

@@ -1,0 +1,3 @@
+from std_udp_recv.cli import main
+
+raise SystemExit(main())
