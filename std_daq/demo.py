@@ -12,8 +12,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -41,11 +43,48 @@ def bundled_config_path() -> str:
     return str(resources.files("core_buffer") / "configs" / "demo_jungfrau_2m.json")
 
 
+def free_port_block(kind: int, preferred: int, n: int, host: str) -> int:
+    """`preferred` if ports preferred..preferred+n-1 are free right now, else the first of another free
+    block. The demo shares its machine (other pipelines, tests, benchmarks), so fixed ports are a
+    preference, not a requirement; the ports used are in the demo's config file for `std-daq status`."""
+    def block_free(first: int) -> bool:
+        if first < 1024 or first + n > 65535:
+            return False
+        socks = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket(socket.AF_INET, kind)
+                socks.append(sock)
+                sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+        finally:
+            for sock in socks:
+                sock.close()
+
+    if block_free(preferred):
+        return preferred
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, kind) as probe:  # a port the kernel considers free
+            probe.bind((host, 0))
+            first = probe.getsockname()[1]
+        if block_free(first):
+            return first
+    raise RuntimeError(f"no block of {n} free ports found")
+
+
 def demo_config(workdir: Path) -> tuple[str, DetectorConfig]:
-    """The bundled config, with the demo directory as the only output directory and metrics on."""
+    """The bundled config, with the demo directory as the only output directory, metrics on, and ports
+    that are free right now."""
     raw = json.loads(Path(bundled_config_path()).read_text())
     raw["output_dirs"] = [str(workdir)]
-    raw.setdefault("metrics", {"host": "127.0.0.1", "base_port": METRICS_BASE_PORT})
+    n_modules = int(raw["n_modules"])
+    raw["start_udp_port"] = free_port_block(socket.SOCK_DGRAM, int(raw["start_udp_port"]), n_modules, "0.0.0.0")
+    metrics = raw.setdefault("metrics", {"host": "127.0.0.1", "base_port": METRICS_BASE_PORT})
+    # Offsets 0..4 for the single services, 10 + module id for the receivers (core_buffer.metrics).
+    metrics["base_port"] = free_port_block(socket.SOCK_STREAM, int(metrics["base_port"]), 10 + n_modules,
+                                           metrics.get("host", "127.0.0.1"))
     path = workdir / "demo-config.json"
     path.write_text(json.dumps(raw, indent=2) + "\n")
     return str(path), load_config(path)
@@ -156,7 +195,7 @@ class WriteOutcome:
 def write_via_broker(config: DetectorConfig, output_file: str, n_images: int, timeout_s: float) -> WriteOutcome:
     import pika
 
-    from std_daq.client import RequestTimeout, send_write_and_wait
+    from std_daq.client import DaqClientError, RequestTimeout, send_write_and_wait
 
     via = "RabbitMQ -> writer_agent -> std_h5_writer"
     bar = ProgressBar(n_images)
@@ -167,6 +206,9 @@ def write_via_broker(config: DetectorConfig, output_file: str, n_images: int, ti
         say()
         return WriteOutcome(False, via, f"{exc} (is writer_agent connected to the broker? see its log)",
                             max(bar.last, 0))
+    except DaqClientError as exc:  # e.g. no writer_agent serves the detector's tag
+        say()
+        return WriteOutcome(False, via, str(exc), max(bar.last, 0))
     except (pika.exceptions.AMQPError, OSError) as exc:
         say()
         return WriteOutcome(False, via, f"the broker connection failed: {type(exc).__name__}: {exc}",
@@ -276,7 +318,12 @@ def _run_demo(config_path: str, config: DetectorConfig, root: Path, n_images: in
         launcher.start()
         down = wait_until_ready(config, launcher, skip=() if broker.usable else ("writer_agent",))
         if down:
-            say(f"  these services did not come up: {', '.join(down)}; see {log_path}")
+            say(f"  these services did not come up: {', '.join(down)}; the end of {log_path}, "
+                "statistics lines left out:")
+            lines = [line for line in log_path.read_text(errors="replace").splitlines()
+                     if " INFO: stats " not in line and not re.match(r"\[[\w-]+\] std_daq_\w+,", line)]
+            for line in lines[-20:]:
+                say(f"    {line}")
             return 1
         say(f"  all services up after {time.monotonic() - started:.1f} s; starting std_udp_sim")
         sim = subprocess.Popen([console_script("std_udp_sim"), config_path, "--rate", str(rate_hz),

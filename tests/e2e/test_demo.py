@@ -2,6 +2,7 @@
 directory that is not the repository, with and without a broker."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -69,9 +70,30 @@ def closed_local_port() -> int:
         return s.getsockname()[1]  # closed again when the with block ends; nothing listens there
 
 
+def occupy(kind: int, port: int) -> socket.socket | None:
+    """Hold `port` (None if someone else already does)."""
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.bind(("0.0.0.0" if kind == socket.SOCK_DGRAM else "127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    if kind == socket.SOCK_STREAM:
+        sock.listen()
+    return sock
+
+
 def test_demo_without_a_broker_says_so_and_writes_straight_to_the_writer(tmp_path):
     url = f"amqp://guest:guest@127.0.0.1:{closed_local_port()}/%2F"
-    result = run_demo(tmp_path, {**os.environ, "STD_DAQ_BROKER_URL": url})
+    # The bundled config's ports are taken (as by another pipeline on a shared machine): the demo uses others.
+    held = [s for s in (occupy(socket.SOCK_STREAM, demo.METRICS_BASE_PORT), occupy(socket.SOCK_DGRAM, 51020)) if s]
+    try:
+        result = run_demo(tmp_path, {**os.environ, "STD_DAQ_BROKER_URL": url})
+    finally:
+        for sock in held:
+            sock.close()
+    used = json.loads((tmp_path / "demo-config.json").read_text())
+    assert used["metrics"]["base_port"] != demo.METRICS_BASE_PORT and used["start_udp_port"] != 51020
     assert result.returncode == 0
     assert "Traceback" not in result.stderr
     assert "no usable RabbitMQ" in result.stdout and "nothing answers there" in result.stdout
@@ -119,3 +141,15 @@ def test_demo_refuses_a_count_of_no_images_before_starting_anything(tmp_path):
     assert result.returncode == 2
     assert "--images: must be more than 0" in result.stderr
     assert not (tmp_path / "services.log").exists()
+
+
+def test_a_broker_write_nobody_takes_is_a_failed_write_not_a_traceback(make_config, monkeypatch):
+    from std_daq import client
+
+    def no_agent(*_args, **_kwargs):
+        raise client.NoAgentError("no writer_agent serves tag 'x': the request was returned by the broker")
+
+    monkeypatch.setattr(client, "send_write_and_wait", no_agent)
+    _, config = make_config()
+    outcome = demo.write_via_broker(config, "/nowhere/x.h5", 10, timeout_s=5)
+    assert not outcome.ok and "no writer_agent serves" in outcome.detail
