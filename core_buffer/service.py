@@ -52,9 +52,18 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGINT and SIGTERM set `stop`; nothing else happens in the handler."""
+    """SIGINT and SIGTERM set `stop`; nothing else happens in the handler.
+
+    The handler sets `stop` once only: Event.set takes a lock, and a second signal arriving while the
+    first handler holds it would run the handler again in the same thread and deadlock (a launcher that
+    dies sends each child one SIGTERM per launcher thread)."""
+    signalled = False
 
     def handler(signum: int, _frame: object) -> None:
+        nonlocal signalled
+        if signalled:
+            return
+        signalled = True
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
@@ -200,7 +209,7 @@ def run_daemon(name: str, args: "argparse.Namespace",
     except ConfigError as exc:
         log.error("%s: bad config: %s", name, exc)
         return 2
-    except StdDaqError as exc:
+    except (StdDaqError, OSError) as exc:  # OSError: a port in use, a socket path not writable, ...
         log.error("%s: cannot start: %s", name, exc)
         return 1
     from core_buffer.metrics import serve_metrics

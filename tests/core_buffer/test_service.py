@@ -95,6 +95,34 @@ def test_influx_line_escapes_tags_and_types_fields():
     assert line == r"m,det\ name=a\,b n=3i,rate=1.5,flag=1.0 17"
 
 
+def test_a_signal_during_the_handler_does_not_deadlock():
+    """A second SIGTERM while the first handler is inside Event.set (which holds the Event's lock)."""
+    from core_buffer.service import install_stop_handlers
+
+    class ReenteredEvent(threading.Event):
+        def set(self) -> None:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the next signal arrives right now
+            super().set()
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop = ReenteredEvent()
+    try:
+        install_stop_handlers(stop)
+        done = threading.Event()
+
+        def deliver() -> None:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+            done.set()
+
+        worker = threading.Thread(target=deliver, daemon=True)
+        worker.start()
+        assert done.wait(5), "the handler deadlocked on a signal that arrived while it ran"
+        assert stop.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_a_daemon_process_cleanly(signum, tmp_path):
     code = """
