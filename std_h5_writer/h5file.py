@@ -1,19 +1,23 @@
 """One output file (DESIGN.md §6): NXmx groups, the std-daq names as hard links, per-image metadata.
 
-Layout (`<det>` is the detector name):
-    /entry                       NXentry
-    /entry/data/data             (n, height, width) images, one per chunk       NXdata (signal)
-    /entry/instrument/detector   NXdetector: description, bit_depth_readout, image_id, status, ...
-    /<det>/data                  hard link to /entry/data/data
-    /<det>/image_id  u64, /<det>/status u16 (and for Jungfrau pulse_id u64, frame_index u64, daq_rec u32),
-                                 the same datasets as under /entry/instrument/detector
+Layout (`<det>` is the detector name; docs/std_h5_writer.md has the full list):
+    /entry                          NXentry: definition "NXmx", start_time, end_time
+    /entry/data/data                (n, height, width) images, one per chunk        NXdata (signal)
+    /entry/instrument/detector      NXdetector: data (link), description, pixel sizes, bit_depth_readout,
+                                    depends_on, module (NXdetector_module), image_id, status, ...
+    /entry/sample                   NXsample placeholder (depends_on ".")
+    /<det>/data                     hard link to /entry/data/data
+    /<det>/image_id u64, /<det>/status u16 (and for Jungfrau pulse_id u64, frame_index u64, daq_rec u32),
+                                    the same datasets as under /entry/instrument/detector
 Root attributes say what the file holds: detector name/type, bit depth, image shape, module positions,
 conversion and calibration file, the request (JSON), start and end time, software version, and `state`:
 "writing" while open (what a crash leaves), then "complete" or "interrupted" (stopped early, trimmed).
 
 Image status in the file: the ImageMetadata status (0 good, 1 missing packets, 2 id mismatch, 3 missing
-module), or 4 = lost: the image was overwritten in the ImageBuffer before it could be written; its pixels
-are left as the dataset's fill value 0, never another image's.
+module), 4 = lost: the image was overwritten in the ImageBuffer before it could be written, 5 = rejected:
+the slot held something that is not an image of this file (other shape or dtype, compressed bytes the
+file cannot take); for 4 and 5 the pixels are the fill value 0, never another image's. 0xFFFF = not
+written: no write arrived for the row (also every row past the last flush of a file whose writer died).
 """
 from __future__ import annotations
 
@@ -29,97 +33,193 @@ from core_buffer import __version__
 from core_buffer.config import DetectorConfig
 
 STATUS_LOST = 4
+STATUS_REJECTED = 5
+STATUS_NOT_WRITTEN = 0xFFFF
+STATUS_CODES = ("0 good, 1 missing packets, 2 id mismatch, 3 missing module, 4 lost in the buffer (pixels not "
+                "written), 5 rejected: not an image of this file (pixels not written), 65535 not written")
 NX = "NX_class"
+
+# Uncompressed chunks start on 1 MiB boundaries. Measured on ext4 (kernel 6.18): a 1 MiB pwrite at an
+# offset that is not a multiple of 1 MiB costs ~10% more than an aligned one (the page cache then cannot
+# use large folios for it). The gap left in front of the first chunk and after each metadata flush is
+# a hole, never written; compressed chunks have no fixed size and are packed as HDF5 places them.
+CHUNK_ALIGNMENT = 1 << 20
+
+# Pixel pitch in metres, for the NXdetector (a detector type not listed gets none).
+PIXEL_SIZE_M = {"jungfrau": 75e-6, "eiger": 75e-6, "gigafrost": 11e-6}
+
+COLUMN_START_ROWS = 65536  # per-image columns grow by doubling, so a huge n_images allocates nothing up front
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def create_exclusive(path: str, mode: int, overwrite: bool, uid: int | None) -> None:
-    """Create the file with exactly `mode` (umask-proof) and owner `uid`, never through a symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, mode)
+def _create(path: str, mode: int, overwrite: bool, uid: int | None, **fapl) -> h5py.File:
+    """A new HDF5 file at `path` with exactly `mode` and owner `uid`.
+
+    HDF5 creates it itself with O_CREAT|O_EXCL ("x"): never through a symlink, and never by truncating
+    an existing file. The latter matters for speed: ext4 (and XFS) flush every dirty page of a file that
+    was truncated to zero when it is closed (ext4's auto_da_alloc), which made closing a 1 GiB file take
+    ~0.45 s, as long as writing it. An existing file (overwrite on) is unlinked first, so a reader that
+    has it open keeps the old data. The umask is set for the call so the file never exists with wider
+    permissions than `mode`; only this (the writer's main) thread creates files."""
+    if overwrite and os.path.lexists(path) and not os.path.islink(path):
+        os.unlink(path)
+    old_umask = os.umask(0o777 & ~mode)
     try:
+        f = h5py.File(path, "x", **fapl)
+    finally:
+        os.umask(old_umask)
+    try:
+        fd = f.id.get_vfd_handle()
         os.fchmod(fd, mode)
         if uid is not None:
             import pwd
 
             os.fchown(fd, uid, pwd.getpwuid(uid).pw_gid)
-    finally:
-        os.close(fd)
+    except BaseException:
+        f.close()
+        os.unlink(path)
+        raise
+    return f
 
 
 class OutputFile:
     def __init__(self, path: str, config: DetectorConfig, request: dict, n_images: int, dtype: np.dtype,
-                 compression: str) -> None:
+                 compression: str, *, mode: int = 0o640, overwrite: bool = False, uid: int | None = None) -> None:
+        """Create the file and its layout; on any failure nothing is left at `path`."""
         self.path = path
         self.n_images = n_images
         self.det = config.detector_name
         self.jungfrau = config.detector_type == "jungfrau"
-        h, w = config.image_shape
+        self.shape = config.image_shape
+        self.dtype = np.dtype(dtype)
         self.compressed = compression == "bitshuffle-lz4"
-        # The file exists already, with its mode and owner. The default (earliest) format has no "open for
-        # writing" flag in the superblock, so a file whose writer was killed opens as it was at its last flush
-        # (the latest format would refuse it until `h5clear -s`).
-        self.file = h5py.File(path, "w")
-        f = self.file
+        fapl = {} if self.compressed else {"alignment_threshold": CHUNK_ALIGNMENT,
+                                           "alignment_interval": CHUNK_ALIGNMENT}
+        # The default (earliest) file format on purpose: it has no "open for writing" flag in the
+        # superblock, so a file whose writer was killed opens as it was at its last flush (the latest
+        # format would refuse it until `h5clear -s`).
+        self.file = _create(path, mode, overwrite, uid, **fapl)
+        try:
+            self._layout(config, request, compression)
+        except BaseException:
+            self.file.close()
+            os.unlink(path)
+            raise
+        self.n_slots = 0  # rows accounted for (written, lost or rejected): the length the file is trimmed to
+        self.n_written = 0
+        self.n_lost = 0
+        self.n_rejected = 0
+        self.written_since_flush = 0
+
+    def _layout(self, config: DetectorConfig, request: dict, compression: str) -> None:
+        f, (h, w), n_images = self.file, self.shape, self.n_images
+        start = _now()
         f.attrs.update({
             "detector_name": config.detector_name, "detector_type": config.detector_type,
             "bit_depth": config.bit_depth, "image_height": h, "image_width": w,
-            "image_dtype": np.dtype(dtype).str, "conversion": config.conversion,
+            "image_dtype": self.dtype.str, "conversion": config.conversion,
             "calibration_file": config.calibration_file or "", "background_file": config.background_file or "",
             "flatfield_file": config.flatfield_file or "", "compression": compression,
             "module_positions": json.dumps([[p.x0, p.y0, p.x1, p.y1] for p in config.module_positions]
                                            if config.module_positions else None),
-            "request": json.dumps(request), "start_time": _now(), "software": f"std-daq {__version__}",
-            "state": "writing", "status_codes": "0 good, 1 missing packets, 2 id mismatch, 3 missing module, "
-                                                "4 lost in the buffer (pixels not written)",
+            "request": json.dumps(request), "start_time": start, "software": f"std-daq {__version__}",
+            "state": "writing", "status_codes": STATUS_CODES,
         })
         entry = f.create_group("entry")
         entry.attrs[NX] = "NXentry"
         entry.attrs["default"] = "data"
+        entry["definition"] = "NXmx"
+        entry["start_time"] = start
+        # Written now so the group is complete even in a file whose writer died; overwritten at close.
+        entry.create_dataset("end_time", data=start, dtype=h5py.string_dtype(length=64))
         data_group = entry.create_group("data")
         data_group.attrs[NX] = "NXdata"
         data_group.attrs["signal"] = "data"
         extra = dict(hdf5plugin.Bitshuffle(cname="lz4")) if self.compressed else {}
-        self.data = data_group.create_dataset("data", shape=(n_images, h, w), maxshape=(None, h, w), dtype=dtype,
-                                              chunks=(1, h, w), fillvalue=0, **extra)
-        detector = entry.create_group("instrument").create_group("detector")
-        entry["instrument"].attrs[NX] = "NXinstrument"
+        self.data = data_group.create_dataset("data", shape=(n_images, h, w), maxshape=(None, h, w),
+                                              dtype=self.dtype, chunks=(1, h, w), fillvalue=0, **extra)
+
+        instrument = entry.create_group("instrument")
+        instrument.attrs[NX] = "NXinstrument"
+        detector = instrument.create_group("detector")
         detector.attrs[NX] = "NXdetector"
+        detector["data"] = self.data  # the NXmx place of the images: a hard link, not a copy
         detector["description"] = config.detector_type
         detector["bit_depth_readout"] = config.bit_depth
+        detector["depends_on"] = "."
+        pixel = PIXEL_SIZE_M.get(config.detector_type)
+        module = detector.create_group("module")
+        module.attrs[NX] = "NXdetector_module"
+        module["data_origin"] = np.array([0, 0], np.int32)
+        module["data_size"] = np.array([h, w], np.int32)
+        if pixel is not None:
+            for name, value in (("x_pixel_size", pixel), ("y_pixel_size", pixel)):
+                detector[name] = value
+                detector[name].attrs["units"] = "m"
+            # Geometry without a beamline model: the module at the detector origin, fast axis along x, slow
+            # along y; a beamline that knows its geometry overwrites these.
+            offset = module.create_dataset("module_offset", data=0.0)
+            offset.attrs.update({"transformation_type": "translation", "vector": [1.0, 0.0, 0.0],
+                                 "units": "m", "depends_on": "."})
+            for name, vector in (("fast_pixel_direction", [1.0, 0.0, 0.0]), ("slow_pixel_direction", [0.0, 1.0, 0.0])):
+                axis = module.create_dataset(name, data=pixel)
+                axis.attrs.update({"transformation_type": "translation", "vector": vector, "units": "m",
+                                   "depends_on": "/entry/instrument/detector/module/module_offset"})
+        sample = entry.create_group("sample")
+        sample.attrs[NX] = "NXsample"
+        sample["depends_on"] = "."
+
         self.per_image = {"image_id": np.uint64, "status": np.uint16}
         if self.jungfrau:
             self.per_image.update(pulse_id=np.uint64, frame_index=np.uint64, daq_rec=np.uint32)
-        self.columns = {name: np.zeros(n_images, dt) for name, dt in self.per_image.items()}
-        self.meta = {name: detector.create_dataset(name, shape=(n_images,), maxshape=(None,), dtype=dt,
-                                                   chunks=(min(max(n_images, 1), 4096),))
-                     for name, dt in self.per_image.items()}
+        rows = min(max(n_images, 1), COLUMN_START_ROWS)
+        self.columns = {name: np.zeros(rows, dt) for name, dt in self.per_image.items()}
+        self.columns["status"][:] = STATUS_NOT_WRITTEN
+        self.meta = {name: detector.create_dataset(
+            name, shape=(n_images,), maxshape=(None,), dtype=dt, chunks=(min(max(n_images, 1), 4096),),
+            fillvalue=STATUS_NOT_WRITTEN if name == "status" else 0) for name, dt in self.per_image.items()}
         std = f.create_group(self.det)
         std["data"] = self.data
         for name, dset in self.meta.items():
             std[name] = dset
-        self.n_slots = 0  # images accounted for (written or recorded as lost)
-        self.n_written = 0
-        self.n_lost = 0
-        self.written_since_flush = 0
 
-    def write(self, i: int, pixels: np.ndarray) -> None:
-        """Write image `i` (an array of the image's shape and dtype) as one chunk."""
+    # --- images ---------------------------------------------------------------------------------------
+
+    def write_chunk(self, i: int, chunk: np.ndarray) -> None:
+        """Store row `i` as it will be on disk: raw pixels, or a bitshuffle-LZ4 chunk for a compressed file.
+        A contiguous view of shared memory is fine: it is written from where it is, without a copy."""
+        self.data.id.write_direct_chunk((i, 0, 0), chunk)
+
+    def write_pixels(self, i: int, pixels: np.ndarray) -> None:
+        """Store row `i` from pixels, through HDF5's filter pipeline if the file is compressed (slow path)."""
         if self.compressed:
             self.data[i] = pixels
         else:
-            self.data.id.write_direct_chunk((i, 0, 0), pixels)
+            self.write_chunk(i, pixels)
+
+    def erase(self, i: int) -> None:
+        """Replace row `i` with zeros after it turned out not to be the image (rare: see writer.py)."""
+        self.data[i] = 0
 
     def record(self, i: int, image_id: int, status: int, frame_index: int = 0, pulse_id: int = 0,
                daq_rec: int = 0) -> None:
         c = self.columns
+        if i >= len(c["status"]):
+            self._grow(i + 1)
         c["image_id"][i], c["status"][i] = image_id, status
         if self.jungfrau:
             c["pulse_id"][i], c["frame_index"][i], c["daq_rec"][i] = pulse_id, frame_index, daq_rec
         self.n_slots = max(self.n_slots, i + 1)
+
+    def _grow(self, rows: int) -> None:
+        size = min(max(rows, 2 * len(self.columns["status"])), self.n_images)
+        for name, column in self.columns.items():
+            grown = np.full(size, STATUS_NOT_WRITTEN if name == "status" else 0, column.dtype)
+            grown[:len(column)] = column
+            self.columns[name] = grown
 
     def flush(self) -> None:
         n = self.n_slots
@@ -129,12 +229,14 @@ class OutputFile:
         self.written_since_flush = 0
 
     def close(self, state: str) -> None:
-        """Trim to the images accounted for, write the end attributes, close."""
+        """Trim to the rows accounted for, write the end time and attributes, close."""
         n = self.n_slots
         self.data.resize(n, axis=0)
         for name, dset in self.meta.items():
             dset.resize((n,))
             dset[:n] = self.columns[name][:n]
-        self.file.attrs.update({"state": state, "end_time": _now(), "n_images_written": self.n_written,
-                                "n_images_lost": self.n_lost})
+        end = _now()
+        self.file["entry/end_time"][()] = end
+        self.file.attrs.update({"state": state, "end_time": end, "n_images_written": self.n_written,
+                                "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
         self.file.close()

@@ -1,12 +1,16 @@
 """std_h5_writer: StoreStream in, images from the ImageBuffer into HDF5 files, writer status out.
 
 start: refuse (failed status naming why) an output path outside `output_dirs`, in a missing directory,
-or existing (unless `overwrite_files`), or a user it cannot write as; otherwise create the file with
-`file_mode` and the requested owner, and report `writing`. A start while a file is open closes that one
-first as interrupted (its run gets a failed status saying so).
-write: copy the image out of its ImageBuffer slot, checking the slot's id before and after the copy, and
-write it as one chunk; an image that is gone or was overwritten meanwhile is recorded with status 4
-(lost) and its pixels are zeros, never another image's.
+or existing (unless `overwrite_files`), or a user it cannot write as, or anything else that stops the
+file from being created (then nothing is left at the path); otherwise create the file with `file_mode`
+and the requested owner, and report `writing`. A start while a file is open closes that one first as
+interrupted (its run gets a failed status saying so). Every start gets a final status.
+write: check the slot's metadata (shape, dtype, encoding), then write the image as one chunk straight
+from its ImageBuffer slot (uncompressed), or compress it from the slot and write the chunk, or, for a
+slot that already holds a bitshuffle-LZ4 chunk, write that chunk as it is. The slot's id is checked
+before and after; an image that is gone or was overwritten meanwhile is recorded with status 4 (lost)
+and its row holds zeros, never another image's pixels; a slot that is not an image of this file is
+recorded with status 5 (rejected).
 stop: trim to the images accounted for, close, report `finished` (or `failed` after an I/O error).
 Statuses go out at start, every `writer.status_interval_s` while writing, and at the end. The file is
 flushed every `writer.flush_interval_s`, so after a crash it is readable up to the last flush and its
@@ -20,33 +24,38 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import zmq
 
 from core_buffer.config import DetectorConfig
-from core_buffer.errors import BufferMissingError, FormatError, ImageLostError
-from core_buffer.formats import StoreOp, StoreStream, WriterState, WriterStatus
+from core_buffer.errors import FormatError, ImageLostError, RingBufferError
+from core_buffer.formats import Dtype, Encoding, ImageMetadata, StoreOp, StoreStream, WriterState, WriterStatus
 from core_buffer.ipc import make_socket, store_stream_address, writer_status_address
 from core_buffer.output import OutputPathError, resolve_output_path
 from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import Counters
-from std_h5_writer.h5file import STATUS_LOST, OutputFile, create_exclusive
+from std_h5_writer.compression import Bitshuffle, CompressionUnavailable, check_chunk_header
+from std_h5_writer.h5file import STATUS_LOST, STATUS_REJECTED, OutputFile
 
 log = logging.getLogger("std_h5_writer")
 
 HWM = 100000
 UNSENT_STATUSES_MAX = 1000
 COMPRESSIONS = ("none", "bitshuffle-lz4")
+PENDING_POLL_S = 0.001  # poll timeout while compressed images are in flight: their results go out at once
 
 
 class WriterSettings:
-    """The "writer" config section."""
+    """The "writer" config section (defaults in docs/std_h5_writer.md)."""
 
     def __init__(self, config: DetectorConfig) -> None:
         section = config.section("writer")
         self.compression = section.str("compression", "none", choices=COMPRESSIONS)
+        self.compression_threads = section.int("compression_threads", 1, min=1, max=64)
         self.status_interval_s = section.float("status_interval_s", 1.0, min=0.05, max=3600.0)
         self.flush_interval_s = section.float("flush_interval_s", 2.0, min=0.05, max=3600.0)
         section.finish()
@@ -66,6 +75,18 @@ class Run:
         self.last_flush = time.monotonic()
 
 
+@dataclass
+class Pending:
+    """An image being compressed by the thread pool; written by the main thread in arrival order."""
+
+    run: Run
+    i: int
+    meta: ImageMetadata
+    fields: tuple[int, int]
+    future: Future
+    out: np.ndarray
+
+
 class H5Writer:
     name = "std_h5_writer"
     rate_counters = ("images_written",)
@@ -74,13 +95,22 @@ class H5Writer:
         self.config = config
         self.settings = WriterSettings(config)
         self.images = ImageBuffer.for_config(config)
-        try:  # per-image pulse_id / daq_rec come from the FrameBuffer while it still holds the frame
-            self.frames: FrameBuffer | None = FrameBuffer.for_config(config, create=False)
-        except BufferMissingError:
-            self.frames = None
+        self.frames: FrameBuffer | None = None
         self.dtype = np.dtype(config.image_dtype)
         self.shape = config.image_shape
-        self.buffer = np.empty(self.shape, self.dtype)
+        self.image_bytes = config.image_bytes
+        self.buffer = np.empty(self.shape, self.dtype)  # only for HDF5's filter path (no bitshuffle library)
+        self.compressed = self.settings.compression == "bitshuffle-lz4"
+        self.compressor: Bitshuffle | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: collections.deque[Pending] = collections.deque()
+        self.free_buffers: list[np.ndarray] = []
+        if self.compressed:
+            self._set_up_compression()
+        self.counters = Counters("starts", "files_finished", "files_failed", "images_written", "images_lost",
+                                 "images_rejected", "frame_fields_missing", "bad_messages", "stray_messages",
+                                 "statuses_not_sent", "writing", "last_written_id")
+        self._attach_frames()
         self.context = context or zmq.Context.instance()
         self.pull = make_socket(self.context, zmq.PULL, hwm=HWM)
         self.pull.connect(store_stream_address(config))
@@ -88,22 +118,45 @@ class H5Writer:
         self.status.bind(writer_status_address(config))
         self.run: Run | None = None
         self.unsent: collections.deque[bytes] = collections.deque(maxlen=UNSENT_STATUSES_MAX)
-        self.counters = Counters("starts", "files_finished", "files_failed", "images_written", "images_lost",
-                                 "bad_messages", "stray_messages", "statuses_not_sent", "writing",
-                                 "last_written_id")
-        log.info("writing %s images %s (%s), requests from %s, statuses to %s", self.dtype, self.shape,
-                 self.settings.compression, store_stream_address(config), writer_status_address(config))
+        log.info("writing %s images %s (%s%s), requests from %s, statuses to %s", self.dtype, self.shape,
+                 self.settings.compression,
+                 f", {self.settings.compression_threads} thread(s)" if self.compressor else "",
+                 store_stream_address(config), writer_status_address(config))
+
+    def _set_up_compression(self) -> None:
+        try:
+            self.compressor = Bitshuffle(self.dtype.itemsize, int(np.prod(self.shape)))
+        except CompressionUnavailable as exc:
+            # HDF5's own filter still writes correct files, on one core and from a copy.
+            log.warning("compressing through HDF5's filter pipeline instead of in-process: %s", exc)
+            return
+        threads = self.settings.compression_threads
+        self.free_buffers = [self.compressor.new_buffer() for _ in range(2 * threads + 1)]
+        if threads > 1:
+            self.pool = ThreadPoolExecutor(threads, thread_name_prefix="bitshuffle")
+
+    def _attach_frames(self) -> None:
+        """Per-image pulse_id / daq_rec come from the FrameBuffer while it still holds the frame. It is made
+        by the receivers, which may start after us (the launcher starts the writer first): retried at every
+        start until it is there."""
+        if self.frames is not None or self.config.detector_type != "jungfrau":
+            return
+        try:
+            self.frames = FrameBuffer.for_config(self.config, create=False)
+        except RingBufferError as exc:
+            log.info("no FrameBuffer yet (%s); pulse_id and daq_rec wait for it", exc)
 
     # --- messages -------------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float) -> None:
-        if self.pull.poll(timeout_s * 1000):
+        if self.pull.poll((PENDING_POLL_S if self.pending else timeout_s) * 1000):
             for _ in range(1000):
                 try:
                     parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
                 self._on_message(parts)
+        self._drain(block=False)
         self._periodic()
 
     def _on_message(self, parts: list[bytes]) -> None:
@@ -141,13 +194,19 @@ class H5Writer:
             path = resolve_output_path(output_file, self.config.output_dirs, self.config.overwrite_files)
             run.output_file = path
             uid = self._owner(message.user_id)
-            create_exclusive(path, self.config.file_mode, self.config.overwrite_files, uid)
-            run.file = OutputFile(path, self.config, request, message.n_images, self.dtype, self.settings.compression)
+            self._attach_frames()
+            run.file = OutputFile(path, self.config, request, message.n_images, self.dtype,
+                                  self.settings.compression, mode=self.config.file_mode,
+                                  overwrite=self.config.overwrite_files, uid=uid)
         except (OutputPathError, RequestError) as exc:
             self._report_refusal(message, run.output_file, str(exc))
             return
         except OSError as exc:
             self._report_refusal(message, run.output_file, f"cannot create the file: {exc.strerror or exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - every start gets a status (DESIGN.md §4), whatever failed
+            log.exception("run %d: creating %s failed", message.run_id, run.output_file)
+            self._report_refusal(message, run.output_file, f"cannot create the file: {type(exc).__name__}: {exc}")
             return
         self.run = run
         self.counters.writing = 1
@@ -168,55 +227,180 @@ class H5Writer:
             raise RequestError(f"user_id {user_id} is not a user on the writer's host") from None
         return user_id
 
+    # --- images ---------------------------------------------------------------------------------------
+
     def _write(self, message: StoreStream) -> None:
-        run, meta = self.run, message.image
-        i = message.i_image
+        run, i, image_id = self.run, message.i_image, message.image.id
         if not 0 <= i < run.n_images:
             self.counters.stray_messages += 1
             return
-        f = run.file
-        pulse_id = daq_rec = 0
         try:
-            # Copy out of shared memory first (id checked before and after): the file write from a private
-            # buffer is ~3x faster than straight from the shm mapping, and a lost image never reaches the file.
-            self.images.copy_image(meta.id, self.buffer)
-            if self.frames is not None and f.jungfrau:
-                pulse_id, daq_rec = self._frame_fields(meta.id)
-            f.write(i, self.buffer)
+            meta = self.images.read_meta(image_id)  # the slot's own metadata, not the message's copy
+            problem = self._rejection(meta)
+            if problem and not self.images.still_holds(image_id):
+                raise ImageLostError(image_id, self.images.slot_id(self.images.slot_of(image_id)))
+            if problem:
+                self._reject(run.file, i, meta, problem)
+            elif meta.encoding == Encoding.BITSHUFFLE_LZ4:
+                self._write_from_slot(run.file, i, meta, self.images.raw_bytes(image_id, meta.user_2))
+            elif not self.compressed:
+                self._write_from_slot(run.file, i, meta, self.images.raw_bytes(image_id, self.image_bytes))
+            elif self.compressor is not None:
+                self._compress(run.file, i, meta)
+            else:
+                self.images.copy_image(image_id, self.buffer)  # HDF5's filter reads it: a private copy
+                run.file.write_pixels(i, self.buffer)
+                self._written(run.file, i, meta, self._frame_fields(image_id))
         except ImageLostError:
-            f.record(i, meta.id, STATUS_LOST, meta.user_2)
-            f.n_lost += 1
-            self.counters.images_lost += 1
-            return
-        except OSError as exc:
+            self._lost(run.file, i, message.image)
+        except Exception as exc:  # noqa: BLE001 - OSError (disk full, ...) and anything h5py raises
+            if not isinstance(exc, OSError):
+                log.exception("run %d: writing image %d failed", run.run_id, i)
             self._fail(run, f"I/O error writing image {i} to {run.output_file}: {exc}")
+
+    def _rejection(self, meta: ImageMetadata) -> str | None:
+        """Why the slot is not an image this file can take, or None."""
+        if (meta.height, meta.width) != self.shape:
+            return f"shape {meta.height}x{meta.width}, the file holds {self.shape[0]}x{self.shape[1]}"
+        try:
+            dtype = Dtype(meta.dtype).numpy
+        except ValueError:
+            return f"unknown dtype code {meta.dtype}"
+        if dtype != self.dtype:
+            return f"dtype {dtype}, the file holds {self.dtype}"
+        if meta.encoding == Encoding.RAW:
+            return None
+        if meta.encoding != Encoding.BITSHUFFLE_LZ4:
+            return f"unknown encoding {meta.encoding}"
+        if not self.compressed:
+            return "bitshuffle-LZ4 bytes for an uncompressed file"
+        if not 0 < meta.user_2 <= self.image_bytes:
+            return f"compressed size {meta.user_2} outside 1..{self.image_bytes}"
+        try:
+            check_chunk_header(self.images.raw_bytes(meta.id, meta.user_2), self.image_bytes, self.dtype.itemsize)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _write_from_slot(self, f: OutputFile, i: int, meta: ImageMetadata, chunk: np.ndarray) -> None:
+        """Write the slot's bytes as the chunk, from shared memory without a copy, then check the slot still
+        holds the image; if it was overwritten meanwhile, what reached the file may be mixed, so the row is
+        erased (rewritten with the fill value) and recorded as lost. Saves a 1 MiB copy per image; the
+        erase costs one more chunk write, only for a lost image."""
+        fields = self._frame_fields(meta.id)
+        f.write_chunk(i, chunk)
+        if not self.images.still_holds(meta.id):
+            f.erase(i)
+            raise ImageLostError(meta.id, self.images.slot_id(self.images.slot_of(meta.id)))
+        self._written(f, i, meta, fields)
+
+    def _compress(self, f: OutputFile, i: int, meta: ImageMetadata) -> None:
+        """Compress from the slot: inline with one thread, else in the pool, written later in order."""
+        fields = self._frame_fields(meta.id)
+        if self.pool is None:
+            out = self.free_buffers[0]
+            n = self._compress_slot(meta.id, out)
+            if n is None:
+                raise ImageLostError(meta.id, self.images.slot_id(self.images.slot_of(meta.id)))
+            f.write_chunk(i, out[:n])
+            self._written(f, i, meta, fields)
             return
-        f.record(i, meta.id, meta.status, meta.user_2, pulse_id, daq_rec)
+        run = self.run
+        if not self.free_buffers:
+            self._drain(block=True, limit=1)  # the pool is full: wait for the oldest
+            if self.run is not run:
+                return  # writing the oldest failed the run
+        out = self.free_buffers.pop()
+        self.pending.append(Pending(run, i, meta, fields, self.pool.submit(self._compress_slot, meta.id, out),
+                                    out))
+
+    def _compress_slot(self, image_id: int, out: np.ndarray) -> int | None:
+        """The chunk size, or None if the slot no longer holds the image (runs in a pool thread)."""
+        n = self.compressor.compress(self.images.raw_bytes(image_id, self.image_bytes), out)
+        return n if self.images.still_holds(image_id) else None
+
+    def _drain(self, block: bool, limit: int | None = None) -> None:
+        """Write the compressed images that are ready, oldest first (all of them, waiting, if `block`)."""
+        done = 0
+        while self.pending and (block or self.pending[0].future.done()) and (limit is None or done < limit):
+            job = self.pending.popleft()
+            try:
+                n = job.future.result()
+                run = self.run
+                if run is None or job.run is not run or run.file is None:
+                    continue  # the run ended meanwhile (failed, interrupted): its results are dropped
+                try:
+                    if n is None:
+                        self._lost(run.file, job.i, job.meta)
+                    else:
+                        run.file.write_chunk(job.i, job.out[:n])
+                        self._written(run.file, job.i, job.meta, job.fields)
+                except Exception as exc:  # noqa: BLE001 - as in _write
+                    if not isinstance(exc, OSError):
+                        log.exception("run %d: writing image %d failed", run.run_id, job.i)
+                    self._fail(run, f"I/O error writing image {job.i} to {run.output_file}: {exc}")
+            finally:
+                self.free_buffers.append(job.out)
+                done += 1
+
+    def _written(self, f: OutputFile, i: int, meta: ImageMetadata, fields: tuple[int, int]) -> None:
+        pulse_id, daq_rec = fields
+        f.record(i, meta.id, meta.status, meta.user_2 if meta.encoding == Encoding.RAW else 0, pulse_id, daq_rec)
         f.n_written += 1
         f.written_since_flush += 1
         self.counters.images_written += 1
         self.counters.last_written_id = meta.id
 
+    def _lost(self, f: OutputFile, i: int, meta: ImageMetadata) -> None:
+        f.record(i, meta.id, STATUS_LOST)
+        f.n_lost += 1
+        self.counters.images_lost += 1
+
+    def _reject(self, f: OutputFile, i: int, meta: ImageMetadata, problem: str) -> None:
+        f.record(i, meta.id, STATUS_REJECTED)
+        f.n_rejected += 1
+        self.counters.images_rejected += 1
+        n = self.counters.images_rejected
+        if n == 1 or n % 1000 == 0:
+            log.warning("image %d rejected (%d so far): the slot holds %s", meta.id, n, problem)
+
     def _frame_fields(self, image_id: int) -> tuple[int, int]:
+        """(pulse_id, daq_rec) of a Jungfrau image, from module 0's frame in the FrameBuffer; with
+        image_id_source "pulse_id" the image id is the pulse id whatever the FrameBuffer holds."""
+        if not self.run.file.jungfrau:
+            return 0, 0
+        pulse_id = image_id if self.config.image_id_source == "pulse_id" else 0
+        if self.frames is None:
+            self.counters.frame_fields_missing += 1
+            return pulse_id, 0
         try:
             frame = self.frames.read_frame_meta(image_id, 0)
         except ImageLostError:
-            return 0, 0
-        return frame.pulse_id, frame.daq_rec
+            self.counters.frame_fields_missing += 1
+            return pulse_id, 0
+        return pulse_id or frame.pulse_id, frame.daq_rec
+
+    # --- ends of runs ---------------------------------------------------------------------------------
 
     def _stop(self) -> None:
+        self._drain(block=True)
         run = self.run
-        self._finish(run, "interrupted" if run.file.n_slots < run.n_images else "complete", None)
+        if run is not None:  # (a failed write while draining ended it already)
+            self._finish(run, "interrupted" if run.file.n_slots < run.n_images else "complete", None)
 
     def _fail(self, run: Run, error: str) -> None:
         log.error("run %d: %s", run.run_id, error)
         self._finish(run, "interrupted", error)
 
     def _finish(self, run: Run, state: str, error: str | None) -> None:
+        if self.run is run:
+            self.run = None  # first: images still in the pool are dropped, not written
+            self.counters.writing = 0
+        self._drain(block=True)
         if run.file is not None:
             try:
                 run.file.close(state)
-            except (OSError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the status must go out whatever closing raised
                 error = error or f"closing {run.output_file} failed: {exc}"
                 try:
                     run.file.file.close()
@@ -224,14 +408,12 @@ class H5Writer:
                     pass
         failed = error is not None
         run.error = error
-        if self.run is run:
-            self.run = None
-            self.counters.writing = 0
         self.counters.files_failed += failed
         self.counters.files_finished += not failed
         self._send_status(run, WriterState.FAILED if failed else WriterState.FINISHED, error, file_state=state)
-        log.info("run %d: %s %s (%d written, %d lost)%s", run.run_id, "failed" if failed else "finished",
-                 run.output_file, run.file.n_written if run.file else 0, run.file.n_lost if run.file else 0,
+        log.info("run %d: %s %s (%d written, %d lost, %d rejected)%s", run.run_id,
+                 "failed" if failed else "finished", run.output_file, run.file.n_written if run.file else 0,
+                 run.file.n_lost if run.file else 0, run.file.n_rejected if run.file else 0,
                  f": {error}" if error else "")
         run.file = None
 
@@ -247,9 +429,12 @@ class H5Writer:
         details = {"n_images": run.n_images, "request_id": run.request.get("request_id"),
                    "duration_s": round(elapsed, 3), **extra}
         n_written = f.n_written if f else 0
+        if f:
+            details.update(n_lost=f.n_lost, n_rejected=f.n_rejected)
         if elapsed > 0 and n_written:
             details["images_per_s"] = round(n_written / elapsed, 1)
-        self._push(WriterStatus(run.run_id, state, run.output_file, n_written, f.n_lost if f else 0, error, details))
+        n_missing = f.n_lost + f.n_rejected if f else 0
+        self._push(WriterStatus(run.run_id, state, run.output_file, n_written, n_missing, error, details))
         run.last_status = time.monotonic()
 
     def _push(self, status: WriterStatus) -> None:
@@ -279,7 +464,7 @@ class H5Writer:
         if run.file.written_since_flush and now - run.last_flush >= self.settings.flush_interval_s:
             try:
                 run.file.flush()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - as in _write
                 self._fail(run, f"I/O error flushing {run.output_file}: {exc}")
                 return
             run.last_flush = now
@@ -292,6 +477,9 @@ class H5Writer:
             self._finish(self.run, "interrupted", "std_h5_writer was stopped (SIGTERM) while writing")
 
     def close(self) -> None:
+        # Order: the pool first (its threads read the ImageBuffer), then sockets, then the buffers.
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         self.pull.close()
         self.status.close()
         self.images.close()

@@ -1,0 +1,3 @@
+from std_h5_writer.cli import main
+
+raise SystemExit(main())
