@@ -4,24 +4,30 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 
 import h5py
-import hdf5plugin  # noqa: F401 - registers bitshuffle for reading
+import hdf5plugin  # registers bitshuffle for reading
 import numpy as np
 import pytest
 import zmq
 
 from core_buffer.errors import ConfigError
-from core_buffer.formats import ImageMetadata, StoreOp, StoreStream, WriterState, WriterStatus
+from core_buffer.formats import Encoding, ImageMetadata, ModuleFrame, StoreOp, StoreStream, WriterState, WriterStatus
 from core_buffer.ipc import make_socket, store_stream_address, writer_status_address
 from core_buffer.pattern import frame_pattern
-from core_buffer.ringbuffer import ImageBuffer
+from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import run
-from std_h5_writer.h5file import STATUS_LOST
+from std_h5_writer import h5file
+from std_h5_writer.compression import Bitshuffle
+from std_h5_writer.h5file import STATUS_LOST, STATUS_NOT_WRITTEN, STATUS_REJECTED
 from std_h5_writer.writer import H5Writer
 
 
@@ -38,12 +44,22 @@ class Agent:
         self.images = ImageBuffer.for_config(config)
         self.stream = config.stream
 
-    def produce(self, image_id, status=0):
+    def produce(self, image_id, status=0, **meta_fields):
         pixels = np.vstack([frame_pattern(self.stream, m, image_id) for m in range(self.config.n_modules)])
         self.images.begin_image(image_id)[:pixels.nbytes] = pixels.reshape(-1).view(np.uint8)
-        meta = ImageMetadata(image_id, *self.config.image_shape, status=status, user_2=image_id)
+        h, w = self.config.image_shape
+        meta = ImageMetadata(**{"id": image_id, "height": h, "width": w, "status": status, "user_2": image_id,
+                                **meta_fields})
         self.images.commit_image(meta)
         return meta, pixels
+
+    def produce_bytes(self, image_id, data, **meta_fields):
+        """A slot holding `data` as it is (compressed bytes, say)."""
+        self.images.begin_image(image_id)[:len(data)] = np.frombuffer(data, np.uint8)
+        h, w = self.config.image_shape
+        meta = ImageMetadata(**{"id": image_id, "height": h, "width": w, **meta_fields})
+        self.images.commit_image(meta)
+        return meta
 
     def start(self, output_file, n_images, run_id=1, user_id=0, extra=None):
         request = {"output_file": str(output_file), "n_images": n_images, "run_id": run_id, "request_id": "r-1",
@@ -107,9 +123,10 @@ def write_run(agent, path, ids, run_id=1):
     return expected
 
 
-@pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
-def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(writer_rig, tmp_path, compression):
-    agent, _ = writer_rig(n_modules=2, image_pixel_height=1024, writer={"compression": compression})
+@pytest.mark.parametrize("compression,threads", [("none", 1), ("bitshuffle-lz4", 1), ("bitshuffle-lz4", 2)])
+def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(writer_rig, tmp_path, compression, threads):
+    agent, _ = writer_rig(n_modules=2, image_pixel_height=1024,
+                          writer={"compression": compression, "compression_threads": threads})
     path = tmp_path / "run.h5"
     expected = write_run(agent, path, [11, 12, 13, 14])
     final = agent.wait()
@@ -207,7 +224,8 @@ def test_a_start_while_writing_closes_the_open_file_as_interrupted(writer_rig, t
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs: a real file system that fills up (needs root to mount)."""
+    """A 3 MiB tmpfs: a real file system that fills up (needs root to mount; the file-size-limit test
+    below covers the same path without root)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount = tmp_path / "small"
@@ -228,10 +246,44 @@ def test_disk_full_fails_the_run_with_the_error_and_the_writer_goes_on(writer_ri
     agent.stop(10, 10)
     final = agent.wait()
     assert final.state == WriterState.FAILED
-    assert "space" in final.error.lower() or "error" in final.error.lower()
+    assert "No space left on device" in final.error
     assert writer.counters.files_failed == 1
     write_run(agent, tmp_path / "next.h5", [5], run_id=2)
     assert agent.wait(run_id=2).state == WriterState.FINISHED
+
+
+def _limit_file_size():
+    # In the writer's process only (preexec): files stop growing at 3 MiB with EFBIG ("File too large");
+    # SIGXFSZ ignored, else the kernel kills the process instead of failing the write. Works unprivileged.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_request_succeeds(make_config, tmp_path):
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)])
+    agent = Agent(config)
+    proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limit_file_size)
+    try:
+        agent.start(tmp_path / "big.h5", 10)
+        agent.wait((WriterState.WRITING,), timeout_s=20)
+        for i in range(10):  # 10 MiB against a 3 MiB limit
+            meta, _ = agent.produce(i % 4 + 1)
+            agent.write(i, meta, 10)
+        agent.stop(10, 10)
+        final = agent.wait(timeout_s=20)
+        assert final.state == WriterState.FAILED
+        assert "File too large" in final.error, final.error
+        assert 0 < final.n_written < 10
+        write_run(agent, tmp_path / "next.h5", [5], run_id=2)
+        nxt = agent.wait(run_id=2, timeout_s=20)
+        assert nxt.state == WriterState.FINISHED and nxt.n_written == 1
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+        agent.close()
+    with h5py.File(tmp_path / "next.h5", "r") as f:
+        assert f["entry/data/data"].shape[0] == 1
 
 
 def test_user_id_sets_the_owner_when_running_as_root(writer_rig, tmp_path):
@@ -278,3 +330,284 @@ def test_sigterm_closes_the_open_file_cleanly(make_config, tmp_path):
         agent.close()
     with h5py.File(tmp_path / "term.h5", "r") as f:
         assert f["entry/data/data"].shape[0] == 2 and f.attrs["state"] == "interrupted"
+
+
+def test_the_file_is_nxmx_with_definition_times_sample_and_detector_data_link(writer_rig, tmp_path):
+    agent, _ = writer_rig()
+    path = tmp_path / "nx.h5"
+    write_run(agent, path, [1, 2])
+    assert agent.wait().state == WriterState.FINISHED
+    with h5py.File(path, "r") as f:
+        entry = f["entry"]
+        assert entry["definition"][()].decode() == "NXmx"
+        start, end = entry["start_time"][()].decode(), entry["end_time"][()].decode()
+        assert start[:4].isdigit() and "T" in start and end >= start
+        assert entry["sample"].attrs["NX_class"] == "NXsample"
+        detector = entry["instrument/detector"]
+        assert detector["data"] == entry["data/data"]  # the same dataset, linked
+        assert detector["depends_on"][()].decode() == "."
+        assert detector["x_pixel_size"][()] == pytest.approx(75e-6) and detector["x_pixel_size"].attrs["units"] == "m"
+        module = detector["module"]
+        assert module.attrs["NX_class"] == "NXdetector_module"
+        assert list(module["data_size"][:]) == [512, 1024] and list(module["data_origin"][:]) == [0, 0]
+        fast = module["fast_pixel_direction"]
+        assert fast.attrs["transformation_type"] == "translation" and list(fast.attrs["vector"]) == [1, 0, 0]
+        assert f[fast.attrs["depends_on"]] == module["module_offset"]
+        assert entry["data"].attrs["signal"] == "data" and entry.attrs["default"] == "data"
+
+
+def test_pulse_id_and_daq_rec_come_from_a_frame_buffer_made_after_the_writer_started(writer_rig, tmp_path):
+    agent, writer = writer_rig()
+    assert writer.frames is None  # the launcher starts the writer before the receivers make the FrameBuffer
+    frames = FrameBuffer.for_config(agent.config)
+    try:
+        ids = [21, 22, 23]
+        for image_id in ids:
+            frames.begin_frame(image_id, 0)
+            frames.commit_frame(ModuleFrame(image_id, pulse_id=9000 + image_id, frame_index=image_id,
+                                            daq_rec=40 + image_id, module_id=0))
+        path = tmp_path / "pulses.h5"
+        write_run(agent, path, ids)
+        assert agent.wait().state == WriterState.FINISHED
+        det = agent.config.detector_name
+        with h5py.File(path, "r") as f:
+            assert list(f[f"{det}/pulse_id"][:]) == [9021, 9022, 9023]
+            assert list(f[f"{det}/daq_rec"][:]) == [61, 62, 63]
+        assert writer.counters.frame_fields_missing == 0
+    finally:
+        frames.close()
+
+
+def test_with_image_id_source_pulse_id_the_image_id_is_the_pulse_id_and_missing_frames_are_counted(
+        writer_rig, tmp_path):
+    agent, writer = writer_rig(image_id_source="pulse_id")
+    path = tmp_path / "pid.h5"
+    write_run(agent, path, [1000001, 1000002])
+    assert agent.wait().state == WriterState.FINISHED
+    det = agent.config.detector_name
+    with h5py.File(path, "r") as f:
+        assert list(f[f"{det}/pulse_id"][:]) == [1000001, 1000002]
+        assert list(f[f"{det}/daq_rec"][:]) == [0, 0]
+    assert writer.counters.frame_fields_missing == 2  # no FrameBuffer: daq_rec could not be read
+
+
+def test_an_unexpected_error_creating_the_file_gets_a_failed_status_and_leaves_no_file(
+        writer_rig, tmp_path, monkeypatch):
+    agent, _ = writer_rig()
+    real_layout = h5file.OutputFile._layout
+    calls = []
+
+    def failing_once(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("cannot allocate the per-image columns")
+        return real_layout(self, *args)
+
+    monkeypatch.setattr(h5file.OutputFile, "_layout", failing_once)
+    path = tmp_path / "retry.h5"
+    agent.start(path, 3)
+    status = agent.wait()
+    assert status.state == WriterState.FAILED and "MemoryError" in status.error
+    assert not path.exists()  # the retry below is not refused as "already exists"
+    write_run(agent, path, [1], run_id=2)
+    assert agent.wait(run_id=2).state == WriterState.FINISHED
+
+
+def test_rows_without_a_write_read_as_not_written_also_in_a_file_caught_mid_write(writer_rig, tmp_path):
+    agent, _ = writer_rig(writer={"flush_interval_s": 0.05})
+    path = tmp_path / "gaps.h5"
+    agent.start(path, 6)
+    agent.wait((WriterState.WRITING,))
+    for i in (0, 2):  # row 1 never gets a write
+        meta, _ = agent.produce(i + 1)
+        agent.write(i, meta, 6)
+    time.sleep(0.5)  # a flush happens
+    snapshot = tmp_path / "snapshot.h5"  # what a crash right now would leave
+    snapshot.write_bytes(path.read_bytes())
+    agent.stop(3, 6)
+    assert agent.wait().state == WriterState.FINISHED
+    det = agent.config.detector_name
+    with h5py.File(snapshot, "r") as f:
+        assert f.attrs["state"] == "writing"
+        assert list(f[f"{det}/status"][:]) == [0, STATUS_NOT_WRITTEN, 0] + [STATUS_NOT_WRITTEN] * 3
+    with h5py.File(path, "r") as f:  # trimmed after the last row written; the gap stays marked
+        assert list(f[f"{det}/status"][:]) == [0, STATUS_NOT_WRITTEN, 0]
+        assert list(f[f"{det}/image_id"][:]) == [1, 0, 3]
+        assert not f["entry/data/data"][1].any()
+
+
+@pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
+def test_slots_that_are_not_an_image_of_the_file_are_rejected_never_written(writer_rig, tmp_path, compression):
+    agent, writer = writer_rig(writer={"compression": compression})
+    h, w = agent.config.image_shape
+    path = tmp_path / "bad.h5"
+    agent.start(path, 5)
+    agent.wait((WriterState.WRITING,))
+    good, pixels = agent.produce(1)
+    metas = [
+        good,
+        agent.produce(2, height=h // 2)[0],                         # another shape
+        agent.produce(3, dtype=4)[0],                               # uint32, the file holds uint16
+        agent.produce_bytes(4, b"\x00" * 64, encoding=Encoding.BITSHUFFLE_LZ4, user_2=64),  # bad chunk header
+        agent.produce(5, encoding=Encoding.BITSHUFFLE_LZ4, user_2=h * w * 2)[0],  # pixels labelled compressed
+    ]
+    for i, meta in enumerate(metas):
+        agent.write(i, meta, 5)
+    agent.stop(5, 5)
+    final = agent.wait()
+    assert (final.n_written, final.n_missing) == (1, 4)
+    assert writer.counters.images_rejected == 4
+    with h5py.File(path, "r") as f:
+        assert list(f[f"{agent.config.detector_name}/status"][:]) == [0] + [STATUS_REJECTED] * 4
+        data = f["entry/data/data"]
+        assert np.array_equal(data[0], pixels)
+        assert not data[1:].any()
+
+
+def test_a_slot_holding_a_bitshuffle_chunk_is_written_as_it_is(writer_rig, tmp_path):
+    agent, _ = writer_rig(writer={"compression": "bitshuffle-lz4"})
+    h, w = agent.config.image_shape
+    _, pixels = agent.produce(7)
+    codec = Bitshuffle(2, h * w)
+    out = codec.new_buffer()
+    chunk = out[:codec.compress(pixels.reshape(-1).view(np.uint8), out)].tobytes()
+    path = tmp_path / "precompressed.h5"
+    agent.start(path, 1)
+    agent.wait((WriterState.WRITING,))
+    meta = agent.produce_bytes(7, chunk, encoding=Encoding.BITSHUFFLE_LZ4, user_2=len(chunk))
+    agent.write(0, meta, 1)
+    agent.stop(1, 1)
+    assert agent.wait().n_written == 1
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["entry/data/data"][0], pixels)
+        assert f["entry/data/data"].id.read_direct_chunk((0, 0, 0))[1] == chunk
+
+
+def test_our_bitshuffle_chunks_are_byte_for_byte_what_the_hdf5_filter_writes(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = (rng.poisson(2.0, (256, 512)) + 1000).astype(np.uint16)
+    codec = Bitshuffle(2, pixels.size)
+    out = codec.new_buffer()
+    ours = out[:codec.compress(pixels.reshape(-1).view(np.uint8), out)].tobytes()
+    with h5py.File(tmp_path / "filter.h5", "w") as f:
+        dset = f.create_dataset("d", shape=(1, 256, 512), dtype=np.uint16, chunks=(1, 256, 512),
+                                **hdf5plugin.Bitshuffle(cname="lz4"))
+        dset[0] = pixels
+        assert dset.id.read_direct_chunk((0, 0, 0))[1] == ours
+
+
+@pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
+def test_an_image_overwritten_while_it_is_written_is_erased_and_recorded_as_lost(
+        writer_rig, tmp_path, monkeypatch, compression):
+    agent, _ = writer_rig(writer={"compression": compression})
+    slots = agent.config.image_buffer_slots
+    real_write = h5file.OutputFile.write_chunk
+
+    def write_then_overwrite(self, i, chunk):
+        real_write(self, i, chunk)
+        if i == 1:  # the producer laps the ring right after the chunk of image 2 reached the file
+            agent.produce(2 + slots)
+
+    monkeypatch.setattr(h5file.OutputFile, "write_chunk", write_then_overwrite)
+    path = tmp_path / "torn.h5"
+    agent.start(path, 3)
+    agent.wait((WriterState.WRITING,))
+    metas = [agent.produce(image_id)[0] for image_id in (1, 2, 3)]
+    for i, meta in enumerate(metas):
+        agent.write(i, meta, 3)
+    agent.stop(3, 3)
+    final = agent.wait()
+    with h5py.File(path, "r") as f:
+        status = list(f[f"{agent.config.detector_name}/status"][:])
+        data = f["entry/data/data"][:]
+    if compression == "none":  # written from the slot, found overwritten after: erased
+        assert status == [0, STATUS_LOST, 0] and (final.n_written, final.n_missing) == (2, 1)
+        assert not data[1].any()
+    else:  # compressed before the write, so the check after compressing passed: the image is good
+        assert status == [0, 0, 0]
+        assert np.array_equal(data[1], agent.produce(2)[1])
+
+
+def test_overwrite_replaces_an_existing_file_instead_of_truncating_it(writer_rig, tmp_path):
+    agent, _ = writer_rig(overwrite_files=True)
+    path = tmp_path / "again.h5"
+    path.write_bytes(b"old contents")
+    old_inode = path.stat().st_ino
+    with open(path, "rb") as reader:  # a reader holding the old file keeps it
+        write_run(agent, path, [1])
+        assert agent.wait().state == WriterState.FINISHED
+        assert reader.read() == b"old contents"
+    assert path.stat().st_ino != old_inode
+    with h5py.File(path, "r") as f:
+        assert f["entry/data/data"].shape[0] == 1
+
+
+def _user_other_than_root():
+    for name in ("nobody", "daemon"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+    return None
+
+
+def test_a_writer_not_running_as_root_refuses_a_request_for_another_user(make_config, detector_name):
+    """The writer runs in a forked child that drops to an unprivileged user (the interpreter may live
+    where that user cannot exec it, so no new program is started)."""
+    user = _user_other_than_root()
+    if user is None:
+        pytest.skip("no unprivileged user on this host")
+    if os.geteuid() != 0:
+        user = pwd.getpwuid(os.geteuid())  # we are the unprivileged one already
+    shared = tempfile.mkdtemp(prefix="std-daq-h5w-")
+    try:
+        os.chmod(shared, 0o1777)
+        _, config = make_config(output_dirs=[shared], ipc_dir=shared, shm_mode="0666")
+        old_umask = os.umask(0)  # the agent's socket files must be connectable by the child's user
+        try:
+            agent = Agent(config)
+        finally:
+            os.umask(old_umask)
+        other_uid = next(u.pw_uid for u in pwd.getpwall() if u.pw_uid not in (0, user.pw_uid))
+        pid = os.fork()
+        if pid == 0:  # the child: drop privileges, serve until the second run finished, leave
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(user.pw_gid)
+                    os.setuid(user.pw_uid)
+                writer = H5Writer(config, zmq.Context())
+                deadline = time.monotonic() + 20
+                while writer.counters.files_finished < 1 and time.monotonic() < deadline:
+                    writer.poll(0.05)
+                writer.stop()
+                writer.close()
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            agent.start(os.path.join(shared, "theirs.h5"), 1, run_id=1, user_id=other_uid)
+            refused = agent.wait(run_id=1, timeout_s=20)
+            assert refused.state == WriterState.FAILED
+            assert f"cannot create files for uid {other_uid}" in refused.error
+            assert not os.path.exists(os.path.join(shared, "theirs.h5"))
+            own = os.path.join(shared, "own.h5")  # its own uid is fine
+            agent.start(own, 1, run_id=2, user_id=user.pw_uid)
+            agent.wait((WriterState.WRITING,), run_id=2, timeout_s=20)
+            meta, _ = agent.produce(1)
+            agent.write(0, meta, 1, run_id=2)
+            agent.stop(1, 1, run_id=2)
+            assert agent.wait(run_id=2, timeout_s=20).state == WriterState.FINISHED
+            assert os.stat(own).st_uid == user.pw_uid
+        finally:
+            _, status = os.waitpid(pid, 0)
+            agent.close()
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_python_dash_m_runs_the_writer_cli():
+    result = subprocess.run([sys.executable, "-m", "std_h5_writer", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "std_h5_writer" in result.stdout
