@@ -34,33 +34,34 @@ _PEEK_FLAGS = int(socket.MSG_PEEK) | MSG_DONTWAIT | MSG_TRUNC  # plain ints: Int
 SPILL_BYTES = 4096  # only its first byte matters: a datagram that reaches it is too long
 
 
-class _IoVec(ctypes.Structure):
+class IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-class _MsgHdr(ctypes.Structure):
+class MsgHdr(ctypes.Structure):
     _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.POINTER(_IoVec)), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_iov", ctypes.POINTER(IoVec)), ("msg_iovlen", ctypes.c_size_t),
                 ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
                 ("msg_flags", ctypes.c_int)]
 
 
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
+class MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint)]
 
 
-def _load_recvmmsg():
+def load_libc_function(name: str, argtypes: list):
+    """A libc function through ctypes (with errno), or None where libc has no such function."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.recvmmsg
+        func = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    func.argtypes = argtypes
     func.restype = ctypes.c_int
     return func
 
 
-_RECVMMSG = _load_recvmmsg()
+_RECVMMSG = load_libc_function("recvmmsg", [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p])
 
 
 class BatchReceiver:
@@ -79,7 +80,7 @@ class BatchReceiver:
         if self.direct:
             self.scratch = np.zeros((batch, data_bytes), dtype=np.uint8)
             self.spill = np.zeros(max(SPILL_BYTES, max_datagram), dtype=np.uint8)
-            self._iovecs = (_IoVec * (3 * batch))()
+            self._iovecs = (IoVec * (3 * batch))()
             iov = np.frombuffer(self._iovecs, dtype=np.uint64).reshape(batch, 3, 2)  # (base, len) x 3
             iov[:, 0, 0] = self.headers.ctypes.data + np.arange(batch, dtype=np.uint64) * header_bytes
             iov[:, 0, 1] = header_bytes
@@ -89,16 +90,16 @@ class BatchReceiver:
             iov[:, 2, 0] = self.spill.ctypes.data
             iov[:, 2, 1] = self.spill.nbytes
             self.data_base = iov[:, 1, 0]  # the caller aims message i's payload by setting data_base[i]
-            self._msgs = (_MMsgHdr * batch)()
+            self._msgs = (MMsgHdr * batch)()
             first_iov = ctypes.addressof(self._iovecs)
             for i in range(batch):  # once: the message headers never change, only what iov[1] points at
-                self._msgs[i].msg_hdr.msg_iov = ctypes.cast(first_iov + 3 * i * ctypes.sizeof(_IoVec),
-                                                            ctypes.POINTER(_IoVec))
+                self._msgs[i].msg_hdr.msg_iov = ctypes.cast(first_iov + 3 * i * ctypes.sizeof(IoVec),
+                                                            ctypes.POINTER(IoVec))
                 self._msgs[i].msg_hdr.msg_iovlen = 3
             self._msgs_address = ctypes.addressof(self._msgs)
             # msg_len of every message, read without a Python loop
             self.lengths = np.frombuffer(self._msgs, dtype=np.uint32).reshape(batch, -1)[
-                :, _MMsgHdr.msg_len.offset // 4]
+                :, MMsgHdr.msg_len.offset // 4]
         else:
             row_bytes = max_datagram + 1  # one more than any valid datagram: a longer one shows as too long
             self._staging = np.zeros((batch, row_bytes), dtype=np.uint8)

@@ -143,7 +143,7 @@ class PacketDecoder:
     def all_in_place(self, lengths: np.ndarray, n: int, image_id: int, first: int) -> bool:
         """True when datagrams 0..n-1 of the bound header rows are valid packets first, first+1, ...
         of frame `image_id`, all carrying full data: what `decode` would call valid, of that id and
-        those packet numbers, in a handful of numpy operations."""
+        those packet numbers, in a handful of numpy operations. Needs first + n <= n_packets."""
         h = self._h[:n]
         ok = lengths[:n] == self.full_length
         if self.gigafrost:

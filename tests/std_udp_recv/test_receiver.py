@@ -30,6 +30,9 @@ DETECTORS = {
                     module_positions={"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}),
     "gigafrost": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=96,
                       image_pixel_width=192),
+    # streams of 24 x 409 pixels in packets of 204, 204 and 1 rows: a last packet shorter than the others
+    "gigafrost-short-last": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=1636,
+                                 image_pixel_width=48),
 }
 
 
@@ -158,7 +161,8 @@ def test_malformed_datagrams_mid_frame_are_counted_by_kind_and_frames_stay_intac
             assert np.array_equal(receiver.frames.frame_data(image_id, m), frame_bytes(stream, m, image_id))
 
 
-@pytest.mark.parametrize("detector,batch", [("jungfrau", 128), ("jungfrau", 64), ("eiger16", 128), ("eiger32", 16)])
+@pytest.mark.parametrize("detector,batch", [("jungfrau", 128), ("jungfrau", 64), ("eiger16", 128), ("eiger32", 16),
+                                            ("gigafrost-short-last", 128)])
 @pytest.mark.parametrize("recvmmsg", [True, False], ids=["recvmmsg", "recv_into"])
 def test_swapped_neighbours_land_at_their_own_offsets(rig, detector, batch, recvmmsg):
     # Packets arrive 0, 2, 1, 4, 3, ...: a batch whose first and last packets are in order but whose
@@ -382,6 +386,32 @@ def test_sim_and_receiver_processes_end_to_end(make_config):
         pull.close()
     assert recv.returncode == 0
     assert "complete_frames=5" in err
+
+
+def test_simulator_cli_fault_options_reach_the_receiver(rig):
+    r = rig("jungfrau", udp_recv={"frame_timeout_s": 0.05})
+    path = r.config.source
+    sim = subprocess.Popen(["std_udp_sim", str(path), "--rate", "50", "--n-images", "3", "--start-id", "5",
+                            "--drop-packets", "0,127", "--reorder", "swap", "--malformed", "2",
+                            "--malformed-kinds", "wrong_type,foreign_id"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while sim.poll() is None and time.monotonic() < deadline:
+        for receiver in r.receivers:
+            receiver.poll(0.005)
+    out, _ = sim.communicate(timeout=10)
+    assert "sent 3 images, 756 packets to 2 modules (12 dropped, 0 duplicated, 12 malformed on purpose)" in out
+    assert "images/s achieved" in out
+    time.sleep(0.06)
+    r.drain(3)
+    stream = r.config.stream
+    for m, receiver in enumerate(r.receivers):
+        c = receiver.counters
+        assert (c.frames, c.lost_packets, c.bad_header_packets, c.stray_packets, c.duplicate_packets) == (3, 6, 3, 3, 0)
+        for image_id in (5, 6, 7):
+            expected = frame_bytes(stream, m, image_id).copy()
+            expected[:stream.packet_data_bytes] = 0
+            expected[127 * stream.packet_data_bytes:] = 0
+            assert np.array_equal(receiver.frames.frame_data(image_id, m), expected)
 
 
 @settings(max_examples=200, deadline=None)
