@@ -192,6 +192,9 @@ def main() -> int:
     config = configs["batch 128"]
     print(f"load average: {os.getloadavg()[0]:.2f}")
     try:
+        # Untimed: the first fill and drain of a run measured up to a third slower, whatever came first
+        # (the kernel's first allocation of ~1.5 GB of socket buffers).
+        drain_receiver(config, args.images, 1)
         drain = {}
         for name, cfg in configs.items():
             held, seconds, path = drain_receiver(cfg, args.images, args.repeats)
