@@ -202,22 +202,24 @@ def main() -> int:
         writer = WriterProcess(bench.config("none", 1, n_slots))
         try:
             writer.write(os.path.join(workdir, "connect.h5"), metas[:1])  # connects and loads the code
-            raw_rates, writer_rates, ratios = [], [], []
+            raw_rates, writer_rates, writer_cpu, ratios = [], [], [], []
             for r in range(args.rounds):
                 if r % 2:
-                    w = bench.writer_run(writer, metas[:args.images])[0]
+                    w, cpu, _ = bench.writer_run(writer, metas[:args.images])
                     raw = bench.raw_write(args.images)
                 else:
                     raw = bench.raw_write(args.images)
-                    w = bench.writer_run(writer, metas[:args.images])[0]
+                    w, cpu, _ = bench.writer_run(writer, metas[:args.images])
                 raw_rates.append(args.images / raw)
                 writer_rates.append(args.images / w)
+                writer_cpu.append(args.images / cpu)
                 ratios.append(raw / w)
         finally:
             writer.close()
         writer_rate, raw_rate = float(np.median(writer_rates)), float(np.median(raw_rates))
         print(f"writer uncompressed: {writer_rate:.0f} images/s {spread(writer_rates)}")
         print(f"writer uncompressed: {writer_rate * IMAGE_BYTES / 1e9:.2f} GB/s")
+        print(f"writer uncompressed: {float(np.median(writer_cpu)):.0f} images per CPU-second of the writer")
         print(f"raw os.write: {raw_rate:.0f} images/s {spread(raw_rates)}")
         print(f"raw os.write: {raw_rate * IMAGE_BYTES / 1e9:.2f} GB/s")
         print(f"ratio writer/raw (median of rounds): {float(np.median(ratios)):.2f} "

@@ -23,6 +23,7 @@ import collections
 import json
 import logging
 import os
+import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ HWM = 100000
 UNSENT_STATUSES_MAX = 1000
 COMPRESSIONS = ("none", "bitshuffle-lz4")
 PENDING_POLL_S = 0.001  # poll timeout while compressed images are in flight: their results go out at once
+# The fields of a StoreStream that a write needs (op, i_image, run_id, the image's id), read with one
+# struct call: StoreStream.decode builds two dataclasses and checks every field (12 us a message, 4% of
+# the time an image may take at 3 GB/s); the slot's own metadata is read and checked anyway.
+WRITE_FIELDS = struct.Struct("<II8xQ8xQ")
 
 
 class WriterSettings:
@@ -160,6 +165,14 @@ class H5Writer:
         self._periodic()
 
     def _on_message(self, parts: list[bytes]) -> None:
+        if len(parts[0]) == StoreStream.SIZE:
+            op, i, run_id, image_id = WRITE_FIELDS.unpack_from(parts[0])
+            if op == StoreOp.WRITE:
+                if self.run is None or run_id != self.run.run_id:
+                    self.counters.stray_messages += 1
+                else:
+                    self._write(i, image_id)
+                return
         try:
             message = StoreStream.decode(parts[0])
         except FormatError as exc:
@@ -171,7 +184,7 @@ class H5Writer:
         elif self.run is None or message.run_id != self.run.run_id:
             self.counters.stray_messages += 1  # a write or stop for a run that is not open
         elif message.op == StoreOp.WRITE:
-            self._write(message)
+            self._write(message.i_image, message.image.id)
         else:
             self._stop()
 
@@ -229,13 +242,13 @@ class H5Writer:
 
     # --- images ---------------------------------------------------------------------------------------
 
-    def _write(self, message: StoreStream) -> None:
-        run, i, image_id = self.run, message.i_image, message.image.id
+    def _write(self, i: int, image_id: int) -> None:
+        run = self.run
         if not 0 <= i < run.n_images:
             self.counters.stray_messages += 1
             return
         try:
-            meta = self.images.read_meta(image_id)  # the slot's own metadata, not the message's copy
+            meta = self._slot_meta(image_id)  # the slot's own metadata, not the message's copy
             problem = self._rejection(meta)
             if problem and not self.images.still_holds(image_id):
                 raise ImageLostError(image_id, self.images.slot_id(self.images.slot_of(image_id)))
@@ -252,11 +265,19 @@ class H5Writer:
                 run.file.write_pixels(i, self.buffer)
                 self._written(run.file, i, meta, self._frame_fields(image_id))
         except ImageLostError:
-            self._lost(run.file, i, message.image)
+            self._lost(run.file, i, image_id)
         except Exception as exc:  # noqa: BLE001 - OSError (disk full, ...) and anything h5py raises
             if not isinstance(exc, OSError):
                 log.exception("run %d: writing image %d failed", run.run_id, i)
             self._fail(run, f"I/O error writing image {i} to {run.output_file}: {exc}")
+
+    def _slot_meta(self, image_id: int) -> ImageMetadata:
+        """The metadata in the slot of `image_id` (ImageLostError if the slot holds another id). What
+        ImageBuffer.read_meta does, with one `item()` instead of a field-by-field copy (16 -> 4 us)."""
+        version, id_, *fields = self.images.metas(self.images.slot_of(image_id))[0].item()
+        if id_ != image_id:
+            raise ImageLostError(image_id, id_)
+        return ImageMetadata(id_, *fields, version)
 
     def _rejection(self, meta: ImageMetadata) -> str | None:
         """Why the slot is not an image this file can take, or None."""
@@ -331,7 +352,7 @@ class H5Writer:
                     continue  # the run ended meanwhile (failed, interrupted): its results are dropped
                 try:
                     if n is None:
-                        self._lost(run.file, job.i, job.meta)
+                        self._lost(run.file, job.i, job.meta.id)
                     else:
                         run.file.write_chunk(job.i, job.out[:n])
                         self._written(run.file, job.i, job.meta, job.fields)
@@ -351,8 +372,8 @@ class H5Writer:
         self.counters.images_written += 1
         self.counters.last_written_id = meta.id
 
-    def _lost(self, f: OutputFile, i: int, meta: ImageMetadata) -> None:
-        f.record(i, meta.id, STATUS_LOST)
+    def _lost(self, f: OutputFile, i: int, image_id: int) -> None:
+        f.record(i, image_id, STATUS_LOST)
         f.n_lost += 1
         self.counters.images_lost += 1
 
