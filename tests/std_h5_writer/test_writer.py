@@ -611,3 +611,32 @@ def test_python_dash_m_runs_the_writer_cli():
     result = subprocess.run([sys.executable, "-m", "std_h5_writer", "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and "std_h5_writer" in result.stdout
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_image_overwritten_while_it_is_compressed_is_recorded_as_lost(writer_rig, tmp_path, monkeypatch, threads):
+    agent, writer = writer_rig(writer={"compression": "bitshuffle-lz4", "compression_threads": threads})
+    slots = agent.config.image_buffer_slots
+    real_compress = Bitshuffle.compress
+
+    def compress_then_overwrite(self, pixels, out):
+        n = real_compress(self, pixels, out)
+        if pixels[:16].tobytes() == lapped_pixels:  # image 2's bytes: the producer laps the ring now
+            agent.produce(2 + slots)
+        return n
+
+    monkeypatch.setattr(Bitshuffle, "compress", compress_then_overwrite)
+    path = tmp_path / "lapped.h5"
+    agent.start(path, 3)
+    agent.wait((WriterState.WRITING,))
+    metas, pixels = zip(*(agent.produce(image_id) for image_id in (1, 2, 3)))
+    lapped_pixels = pixels[1].reshape(-1).view(np.uint8)[:16].tobytes()
+    for i, meta in enumerate(metas):
+        agent.write(i, meta, 3)
+    agent.stop(3, 3)
+    final = agent.wait()
+    assert (final.n_written, final.n_missing) == (2, 1)
+    with h5py.File(path, "r") as f:
+        assert list(f[f"{agent.config.detector_name}/status"][:]) == [0, STATUS_LOST, 0]
+        data = f["entry/data/data"][:]
+    assert np.array_equal(data[0], pixels[0]) and np.array_equal(data[2], pixels[2]) and not data[1].any()
