@@ -3,7 +3,6 @@
 good, right before creating the file)."""
 from __future__ import annotations
 
-import errno
 import os
 from typing import Iterable
 
@@ -58,39 +57,30 @@ def resolve_output_path(output_file: object, output_dirs: Iterable[str], overwri
     return path
 
 
-def open_output_file(path: str, output_dirs: Iterable[str], mode: int, overwrite: bool) -> int:
-    """Create `path` (as returned by resolve_output_path) and return its open file descriptor, without
-    following any symbolic link between the allowed directory and the file.
+def open_output_directory(path: str, output_dirs: Iterable[str]) -> int:
+    """An open file descriptor of the directory of `path` (as returned by resolve_output_path), reached
+    from the allowed directory without following any symbolic link.
 
-    resolve_output_path checks the path; between that check and the creation a directory on the way could
-    be swapped for a symbolic link pointing elsewhere. So the file is created by walking down from the
-    allowed directory one component at a time with O_NOFOLLOW, and then opened relative to the last
-    directory: a link that appeared meanwhile makes the creation fail instead of escaping. Writers that
-    need a path (HDF5) open `/proc/self/fd/<fd>`, which names exactly the inode created here."""
-    directory, name = os.path.split(path)
+    resolve_output_path checks the path; between that check and the creation, a directory on the way
+    could be swapped for a symbolic link pointing elsewhere. Walking down one component at a time with
+    O_NOFOLLOW pins the directory that was checked: a link that appeared meanwhile makes this fail instead
+    of escaping. The file is then created relative to it, e.g. through `/proc/self/fd/<fd>/<name>` with
+    O_EXCL (which never follows a link at the name either). The caller closes the descriptor."""
+    directory = os.path.dirname(path)
     roots = [os.path.realpath(d) for d in output_dirs]
     root = next((r for r in roots if os.path.commonpath([directory, r]) == r), None)
     if root is None:
         raise OutputPathError(f"output_file {path!r} is outside the allowed directories ({', '.join(roots)})")
     components = [c for c in os.path.relpath(directory, root).split(os.sep) if c not in ("", ".")]
-    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for component in components:
-            try:
-                next_fd = os.open(component, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            except OSError as exc:
-                raise OutputPathError(f"the directory {component!r} of output_file {path!r} changed while it was "
-                                      f"being opened ({exc.strerror}); refusing to follow it") from None
-            os.close(dir_fd)
-            dir_fd = next_fd
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for component in components:
         try:
-            fd = os.open(name, flags, mode, dir_fd=dir_fd)
+            next_fd = os.open(component, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise OutputPathError(f"output_file {path!r} became a symbolic link; refusing to write "
-                                      "through it") from None
-            raise
-    finally:
-        os.close(dir_fd)
-    return fd
+            raise OutputPathError(f"the directory {component!r} of output_file {path!r} changed while it was "
+                                  f"being opened ({exc.strerror}); refusing to follow it") from None
+        finally:
+            os.close(dir_fd)
+        dir_fd = next_fd
+    return dir_fd

@@ -1,11 +1,10 @@
 """Output path policy: only inside the allowed directories after resolving .. and symlinks."""
 import os
-import stat
 
 import pytest
 
 from core_buffer import parse_config
-from core_buffer.output import OutputPathError, open_output_file, resolve_output_path
+from core_buffer.output import OutputPathError, open_output_directory, resolve_output_path
 
 
 @pytest.fixture
@@ -73,21 +72,19 @@ def test_output_keys_in_the_config():
     assert config.file_mode == 0o600 and config.overwrite_files is False
 
 
-def test_open_output_file_creates_exactly_the_checked_file(roots):
+def test_a_file_created_in_the_opened_directory_is_the_checked_file(roots):
     import h5py
 
     allowed, _ = roots
     path = resolve_output_path(f"{allowed}/sub/run.h5", [str(allowed)])
-    fd = open_output_file(path, [str(allowed)], 0o640, overwrite=False)
+    dir_fd = open_output_directory(path, [str(allowed)])
     try:
-        assert os.path.samestat(os.fstat(fd), os.stat(path))
-        with h5py.File(f"/proc/self/fd/{fd}", "w") as f:  # how the writer opens it
+        with h5py.File(f"/proc/self/fd/{dir_fd}/run.h5", "x") as f:  # how the writer creates it
             f["x"] = [1, 2, 3]
     finally:
-        os.close(fd)
+        os.close(dir_fd)
     with h5py.File(path, "r") as f:
         assert list(f["x"][:]) == [1, 2, 3]
-    assert stat.S_IMODE(os.stat(path).st_mode) & ~0o640 == 0
 
 
 def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(roots):
@@ -97,18 +94,22 @@ def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(roots
     os.rename(allowed / "sub", allowed / "sub.old")
     os.symlink(outside, allowed / "sub")
     with pytest.raises(OutputPathError, match="'sub' .* changed while it was being opened"):
-        open_output_file(path, [str(allowed)], 0o640, overwrite=False)
+        open_output_directory(path, [str(allowed)])
     assert list(outside.iterdir()) == []
 
 
 def test_a_file_swapped_for_a_symlink_after_the_check_is_not_written_through(roots):
+    import h5py
+
     allowed, outside = roots
     target = outside / "precious"
     target.write_bytes(b"keep me")
-    (allowed / "old.h5").write_bytes(b"x")
-    path = resolve_output_path(f"{allowed}/old.h5", [str(allowed)], overwrite=True)
-    os.unlink(path)
-    os.symlink(target, path)
-    with pytest.raises(OutputPathError, match="became a symbolic link"):
-        open_output_file(path, [str(allowed)], 0o640, overwrite=True)
+    path = resolve_output_path(f"{allowed}/new.h5", [str(allowed)])
+    dir_fd = open_output_directory(path, [str(allowed)])
+    try:
+        os.symlink(target, path)  # appears between the check and the create
+        with pytest.raises(FileExistsError):
+            h5py.File(f"/proc/self/fd/{dir_fd}/new.h5", "x")
+    finally:
+        os.close(dir_fd)
     assert target.read_bytes() == b"keep me"
