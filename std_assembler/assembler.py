@@ -8,6 +8,9 @@ corrections, commits the metadata and PUBlishes it with the sequence number in u
 Status, the most serious first: 3 missing module (including a frame overwritten in the FrameBuffer
 before it could be read), 2 modules disagree on frame index or pulse id, 1 lost packets, 0 good.
 With `assembler.drop_incomplete`, images with missing modules are counted and not published.
+A missing module's area is zero in the published image, also after background/flat-field corrections,
+and so are gap pixels (docs/std_assembler.md). An image whose assembly raises is counted
+(`images_failed`), logged, and not published; the images after it are assembled as usual.
 """
 from __future__ import annotations
 
@@ -65,10 +68,14 @@ class Assembler:
         self.n_packets = config.stream.packets_per_frame
         self.frames = FrameBuffer.for_config(config)
         self.images = ImageBuffer.for_config(config)
-        self.sync = Synchronizer(config.n_modules, self.settings.sync_timeout_s, self.settings.max_pending)
+        if self.corrections.active:
+            self.corrections.keep_gaps_zero(self.placer.coverage())
+        self.sync = Synchronizer(config.n_modules, self.settings.sync_timeout_s, self.settings.max_pending,
+                                 restart_jump=config.frame_buffer_slots)
         self.counters = Counters("frames", "images", "images_good", "images_missing_packets", "images_mismatch",
-                                 "images_missing_module", "images_dropped", "frames_overwritten", "late_frames",
-                                 "id_jumps_back", "nan_pixels", "bad_messages", "last_image_id", "sequence")
+                                 "images_missing_module", "images_dropped", "images_failed", "frames_overwritten",
+                                 "late_frames", "module_restarts", "detector_restarts", "restarts_not_followed",
+                                 "forward_jumps", "nan_pixels", "bad_messages", "last_image_id", "sequence")
         self.context = context or zmq.Context.instance()
         self.pulls = []
         self.module_of: dict[zmq.Socket, int] = {}
@@ -97,8 +104,7 @@ class Assembler:
                 except zmq.Again:
                     break
                 self._on_message(sock, message, now)
-        for ready in self.sync.expire(time.monotonic()):
-            self._assemble(ready)
+        self._assemble_all(self.sync.expire(time.monotonic()))
 
     def _on_message(self, sock: zmq.Socket, message: bytes, now: float) -> None:
         try:
@@ -110,12 +116,30 @@ class Assembler:
             self.counters.bad_messages += 1
             return
         self.counters.frames += 1
-        for ready in self.sync.add(frame, now):
-            self._assemble(ready)
+        ready = self.sync.add(frame, now)
+        if ready:
+            self._assemble_all(ready)
+
+    def _assemble_all(self, ready: list[ReadyImage]) -> None:
+        """Assemble each image on its own: one that fails is counted and logged, the rest go on."""
+        if not ready:
+            return
+        c, sync = self.counters, self.sync
+        c.late_frames, c.module_restarts, c.detector_restarts = sync.late_frames, sync.module_restarts, \
+            sync.detector_restarts
+        c.restarts_not_followed, c.forward_jumps = sync.restarts_not_followed, sync.forward_jumps
+        for image in ready:
+            try:
+                self._assemble(image)
+            except Exception:  # noqa: BLE001 - one bad image must not lose the others of its batch
+                c.images_failed += 1
+                if c.images_failed == 1 or c.images_failed % 1000 == 0:
+                    log.exception("image %d (%s, missing modules %s) could not be assembled (%d so far); "
+                                  "it is not published", image.image_id, image.reason, image.missing,
+                                  c.images_failed)
 
     def _assemble(self, ready: ReadyImage) -> None:
         c = self.counters
-        c.late_frames, c.id_jumps_back = self.sync.late_frames, self.sync.id_jumps_back
         image_id = ready.image_id
         missing = list(ready.missing)
         if missing and self.settings.drop_incomplete:
@@ -160,6 +184,8 @@ class Assembler:
             c.images_good += 1
         if self.corrections.active:
             self.corrections.apply(image)
+            for m in set(missing):  # corrections turned their zeros into -background / flat-field
+                self.placer.zero(image, m)
         frame_index = present[0].frame_index if present else 0
         meta = ImageMetadata(image_id, self.shape[0], self.shape[1], self.dtype_code, status=int(status),
                              user_1=self.sequence, user_2=frame_index)
@@ -178,8 +204,7 @@ class Assembler:
     def stop(self) -> None:
         # Frames already queued were finished by the receivers: take them, then release what waits.
         self.poll(0)
-        for ready in self.sync.expire(float("inf")):
-            self._assemble(ready)
+        self._assemble_all(self.sync.expire(float("inf")))
 
     def close(self) -> None:
         for pull in self.pulls:

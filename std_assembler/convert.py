@@ -8,9 +8,10 @@ the module frames stacked in module order (R = n_modules x frame rows, 1024 colu
 A pixel becomes `(adc - pedestal[g]) / gain[g]` with g from bits 15..14 (0 -> G0, 1 -> G1, 3 -> G2); the
 invalid gain value 2, masked pixels and a zero gain give NaN and are counted.
 
-The conversion is one compiled pass over the frame (numba; `assembler.conversion_threads` threads): G0
-pixels, the common case, read two plain per-pixel tables; other gains read a table of (pedestal, 1/gain)
-pairs interleaved by gain value. Without numba the same arithmetic runs as numpy passes (slower).
+The conversion is compiled (std_assembler/kernels.py; `assembler.conversion_threads` numba threads
+split a frame's rows): every pixel is converted as G0 from two plain per-pixel tables, then the few
+pixels in another gain are found with a vector compare and recomputed from a per-pixel G1/G2 record.
+Without numba the same float32 arithmetic runs as numpy passes (slower), with identical results.
 
 Corrections file (HDF5, `background_file` / `flatfield_file`): dataset `background` or `flatfield` of the
 image's shape; the image becomes `(image - background) / flatfield` (float32), after geometry.
@@ -23,39 +24,10 @@ import numpy as np
 
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import ConfigError
+from std_assembler import kernels
 
 GAIN_SLOT = {0: 0, 1: 1, 3: 2}  # gain bits -> index in the calibration arrays
 log = logging.getLogger("std_assembler")
-
-
-def _compile_kernel(threads: int):
-    """The conversion loop compiled with numba (one pass over the frame); None without numba."""
-    try:
-        import numba
-    except ImportError:
-        log.warning("numba is not installed: Jungfrau conversion runs on the slower numpy path")
-        return None
-    parallel = threads > 1
-
-    @numba.njit(nogil=True, boundscheck=False, parallel=parallel, cache=False)
-    def kernel(raw, pedestal_g0, inverse_g0, pairs, out):  # pragma: no cover - compiled
-        nan = 0
-        for i in numba.prange(raw.size):
-            v = raw[i]
-            g = v >> 14
-            adc = np.float32(v & 0x3FFF)
-            if g == 0:
-                r = (adc - pedestal_g0[i]) * inverse_g0[i]
-            else:
-                r = (adc - pairs[i, g, 0]) * pairs[i, g, 1]
-            out[i] = r
-            if r != r:
-                nan += 1
-        return nan
-
-    if parallel:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    return kernel
 
 
 def _read(path: str, key: str, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
@@ -74,13 +46,16 @@ def _read(path: str, key: str, name: str, shape: tuple[int, ...], source: str) -
 
 
 class JungfrauConverter:
-    """Per module: G0 tables as plain arrays (the fast path: every pixel converted as G0), and for the
-    pixels in another gain one gather of (pedestal, 1/gain) pairs from a table interleaved by gain value
-    (4 pairs per pixel, gain value 2 holding NaN). Real data is mostly G0, so the fix-up is small."""
+    """Jungfrau ADU -> keV with the tables of the calibration file, laid out for the kernel
+    (std_assembler/kernels.py explains the choices): per module, G0 pedestal and 1/gain as two plain
+    float32 arrays (streamed by the vectorised G0 pass), and G1/G2 (pedestal, 1/gain) in one 16-byte
+    record per pixel (read only by the few non-G0 pixels). A masked pixel, a zero or non-finite gain
+    and a non-finite pedestal get 1/gain = NaN, so they convert to NaN in that gain."""
 
     def __init__(self, config: DetectorConfig, threads: int = 1, use_numba: bool = True) -> None:
         stream = config.stream
         self.h, self.w = stream.frame_height, stream.frame_width
+        self.n_modules = config.n_modules
         rows = config.n_modules * self.h
         key, path = "calibration_file", config.calibration_file
         if path is None:
@@ -93,56 +68,70 @@ class JungfrauConverter:
             has_mask = "pixel_mask" in f
         mask = (_read(path, key, "pixel_mask", (rows, self.w), config.source) != 0) if has_mask \
             else np.zeros((rows, self.w), bool)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inverse = (np.float32(1) / gain).astype(np.float32)
+        bad = (gain == 0) | ~np.isfinite(gain) | ~np.isfinite(pedestal) | mask[None]
+        inverse[bad] = np.nan
+        # Stack-wide tables; a module's are row slices of them (still C-contiguous).
+        self._pedestal_g0 = np.ascontiguousarray(pedestal[0])
+        self._inverse_g0 = np.ascontiguousarray(inverse[0])
+        others = np.empty((rows, self.w, 4), np.float32)
+        others[..., 0], others[..., 1] = pedestal[1], inverse[1]
+        others[..., 2], others[..., 3] = pedestal[2], inverse[2]
+        self._others = others.reshape(-1)
+        bad_g0 = np.isnan(self._inverse_g0)
         n = self.h * self.w
-        with np.errstate(divide="ignore"):
-            inverse = np.where(gain != 0, 1.0 / gain, np.nan).astype(np.float32)
-        inverse[:, mask] = np.nan
-        self.pedestal_g0, self.inverse_g0, self.pairs, self.pair_tables = [], [], [], []
-        for m in range(config.n_modules):
-            rows_m = slice(m * self.h, (m + 1) * self.h)
-            pairs = np.full((n, 4, 2), np.nan, np.float32)
-            for bits, slot in GAIN_SLOT.items():
-                pairs[:, bits, 0] = pedestal[slot, rows_m].reshape(-1)
-                pairs[:, bits, 1] = inverse[slot, rows_m].reshape(-1)
-            self.pair_tables.append(pairs)
-            self.pairs.append(pairs.view(np.uint64).reshape(-1))  # one 8-byte gather per pixel
-            self.pedestal_g0.append(np.ascontiguousarray(pedestal[0, rows_m]).reshape(-1))
-            self.inverse_g0.append(np.ascontiguousarray(inverse[0, rows_m]).reshape(-1))
-        self._gain = np.empty(n, np.uint16)
-        self._adc = np.empty(n, np.uint16)
-        self._out = np.empty(n, np.float32)
-        self.kernel = _compile_kernel(threads) if use_numba else None
-        if self.kernel is not None:  # compile now, not on the first image
-            self.kernel(np.zeros(n, np.uint16), self.pedestal_g0[0], self.inverse_g0[0], self.pair_tables[0],
-                        self._out)
+        self._bad_g0 = [np.flatnonzero(bad_g0[m * self.h:(m + 1) * self.h]).astype(np.int64)
+                        for m in range(config.n_modules)]
+        self.threads = threads
+        self.kernel = None
+        if use_numba:
+            if kernels.AVAILABLE:
+                self.kernel = kernels.convert_parallel if threads > 1 else kernels.convert_serial
+                if threads > 1:
+                    import numba
+
+                    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            else:
+                log.warning("numba is not installed: Jungfrau conversion runs on the slower numpy path")
+        scratch = (max(threads, 1), kernels.CHUNK_ROWS * self.w + kernels.SCRATCH_PAD) if self.kernel else (1, 1)
+        self._rows = np.zeros(scratch, np.int64)
+        self._cols = np.zeros(scratch, np.int64)
+        self._adc = np.empty(n, np.float32)  # numpy path only
+        if self.kernel is not None:  # compile (or load from numba's cache) now, not on the first image
+            self.convert(0, np.zeros((self.h, self.w), np.uint16), np.empty((self.h, self.w), np.float32))
 
     @property
     def path(self) -> str:
-        return "numba" if self.kernel is not None else "numpy"
+        return f"numba, {self.threads} thread(s)" if self.kernel is not None else "numpy"
+
+    def tables(self, module: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = slice(module * self.h, (module + 1) * self.h)
+        n = self.h * self.w * 4
+        return self._pedestal_g0[rows], self._inverse_g0[rows], self._others[module * n:(module + 1) * n]
 
     def convert(self, module: int, raw: np.ndarray, out: np.ndarray) -> int:
-        """Convert a module's raw frame (h x w uint16) into `out` (h x w float32 view); returns NaN pixels."""
-        flat = raw.reshape(-1)
-        direct = out.flags.c_contiguous
-        result = out.reshape(-1) if direct else self._out
+        """Convert a module's raw frame (h x w uint16, C order) into `out` (h x w float32, any strides,
+        e.g. a flipped view of the image); returns the number of NaN pixels."""
+        pedestal_g0, inverse_g0, others = self.tables(module)
         if self.kernel is not None:
-            nan = self.kernel(flat, self.pedestal_g0[module], self.inverse_g0[module], self.pair_tables[module],
-                              result)
-            if not direct:
-                out[...] = result.reshape(self.h, self.w)
-            return int(nan)
-        np.bitwise_and(flat, 0x3FFF, out=self._adc)
-        np.subtract(self._adc, self.pedestal_g0[module], out=result)
-        np.multiply(result, self.inverse_g0[module], out=result)
-        np.right_shift(flat, 14, out=self._gain)
-        others = np.flatnonzero(self._gain)
-        if others.size:
-            index = others * 4 + self._gain[others]
-            pairs = np.take(self.pairs[module], index, mode="clip").view(np.float32).reshape(-1, 2)
-            result[others] = (self._adc[others] - pairs[:, 0]) * pairs[:, 1]
-        if not direct:
-            out[...] = result.reshape(self.h, self.w)
-        return int(np.count_nonzero(np.isnan(result)))
+            return int(self.kernel(raw, pedestal_g0, inverse_g0, others, self._bad_g0[module], out,
+                                   self._rows, self._cols))
+        # numpy: the same arithmetic in whole-array passes (G0 everywhere, then the other pixels)
+        flat = raw.reshape(-1)
+        adc = self._adc
+        np.bitwise_and(flat, 0x3FFF, out=adc, casting="unsafe")
+        result = (adc - pedestal_g0.reshape(-1)) * inverse_g0.reshape(-1)
+        nan = int(np.count_nonzero(flat[self._bad_g0[module]] < 0x4000))
+        fix = np.flatnonzero(flat > 0x3FFF)
+        if fix.size:
+            record = fix * 4 + 2 * (flat[fix] >> 15)
+            value = (adc[fix] - others[record]) * others[record + 1]
+            value[flat[fix] >> 14 == 2] = np.nan
+            result[fix] = value
+            nan += int(np.count_nonzero(np.isnan(value)))
+        out[...] = result.reshape(self.h, self.w)
+        return nan
 
 
 class Corrections:
@@ -161,6 +150,14 @@ class Corrections:
     @property
     def active(self) -> bool:
         return self.background is not None or self.inverse_flat is not None
+
+    def keep_gaps_zero(self, covered: np.ndarray) -> None:
+        """Make the corrections leave gap pixels (no module lands there) at zero: background 0 and
+        1/flat-field 0 there, so no extra pass over the image is needed."""
+        if self.background is not None:
+            self.background[~covered] = 0
+        if self.inverse_flat is not None:
+            self.inverse_flat[~covered] = 0
 
     def apply(self, image: np.ndarray) -> None:
         if self.background is not None:

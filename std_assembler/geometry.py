@@ -17,6 +17,7 @@ import numpy as np
 from core_buffer.config import DetectorConfig, ModulePosition
 from core_buffer.detectors import EIGER, GIGAFROST, JUNGFRAU
 from core_buffer.errors import ConfigError
+from std_assembler import kernels
 
 EIGER_CHIP = 256
 EIGER_CHIP_GAP = 2
@@ -34,12 +35,33 @@ def region(image: np.ndarray, pos: ModulePosition) -> np.ndarray:
 
 
 def default_positions(config: DetectorConfig) -> tuple[ModulePosition, ...]:
+    """Jungfrau: the frames stacked in module order from the top, no gaps (SwissFEL). Eiger: only one
+    module (4 half-module streams, 514 x 1030) has a default, the layout of the example config
+    core_buffer/configs/eiger_500k.json: streams 0 and 1 the top half (left, right), 2 and 3 the bottom
+    half (left, right) read out upside down, 2-pixel gaps between all chips. Larger Eigers need
+    `module_positions`: how their ports map to modules depends on the installation."""
     stream = config.stream
+    h, w = stream.frame_height, stream.frame_width
     if config.detector_type == JUNGFRAU:
-        h, w = stream.frame_height, stream.frame_width
+        if config.n_modules * h > config.image_pixel_height:
+            raise ConfigError("image_pixel_height", config.image_pixel_height,
+                              f"at least {config.n_modules * h} rows to stack {config.n_modules} modules of {h} "
+                              "rows (or module_positions)", config.source)
+        if w > config.image_pixel_width:
+            raise ConfigError("image_pixel_width", config.image_pixel_width,
+                              f"at least {w} columns for the stacked modules (or module_positions)", config.source)
         return tuple(ModulePosition(0, m * h, w - 1, (m + 1) * h - 1) for m in range(config.n_modules))
-    raise ConfigError("module_positions", None, "a rectangle per Eiger half-module (there is no default)",
-                      config.source)
+    half_w = w + EIGER_CHIP_GAP * (w // EIGER_CHIP - 1)  # a stream's width with its chip gap
+    one_module = (2 * h + EIGER_CHIP_GAP, 2 * half_w + EIGER_CHIP_GAP)
+    if config.n_modules == 4 and config.image_shape == one_module:
+        x1 = half_w + EIGER_CHIP_GAP  # first column of the right half
+        bottom_top = 2 * h + EIGER_CHIP_GAP - 1  # the bottom half's frame row 0 goes to the image's last row
+        return (ModulePosition(0, 0, half_w - 1, h - 1), ModulePosition(x1, 0, x1 + half_w - 1, h - 1),
+                ModulePosition(0, bottom_top, half_w - 1, h + EIGER_CHIP_GAP),
+                ModulePosition(x1, bottom_top, x1 + half_w - 1, h + EIGER_CHIP_GAP))
+    raise ConfigError("module_positions", None,
+                      f"a rectangle per Eiger half-module stream (the default exists only for one module: 4 "
+                      f"streams in a {one_module[0]} x {one_module[1]} image)", config.source)
 
 
 class Placer:
@@ -62,6 +84,14 @@ class Placer:
                                   f"(one {self.kind} frame{' with its chip gaps' if self.kind == EIGER else ''})",
                                   config.source)
 
+    @property
+    def stacked(self) -> bool:
+        """True when the image is exactly the module frames stacked in module order (the raw stack)."""
+        h = self.stream.frame_height
+        return self.kind == JUNGFRAU and self.shape == (self.config.n_modules * h, self.stream.frame_width) and \
+            all(p == ModulePosition(0, m * h, self.stream.frame_width - 1, (m + 1) * h - 1)
+                for m, p in enumerate(self.positions))
+
     def frame_pixels(self, frame: np.ndarray) -> np.ndarray:
         """A module's raw frame bytes as pixels (rows x cols); Gigafrost stays packed (see place)."""
         return frame.view(self.stream.pixel_dtype).reshape(self.stream.frame_height, self.stream.frame_width)
@@ -72,10 +102,26 @@ class Placer:
             return self._gigafrost_rows(image, module)
         return region(image, self.positions[module])
 
+    def coverage(self) -> np.ndarray:
+        """bool image: True where some module's frame lands, False on gap pixels."""
+        covered = np.zeros(self.shape, bool)
+        for m in range(self.config.n_modules):
+            self.target(covered, m)[...] = True
+        if self.kind == EIGER:  # the chip gaps inside a stream's rectangle
+            for m in range(self.config.n_modules):
+                for chip in range(1, self.stream.frame_width // EIGER_CHIP):
+                    start = chip * (EIGER_CHIP + EIGER_CHIP_GAP) - EIGER_CHIP_GAP
+                    self.target(covered, m)[:, start:start + EIGER_CHIP_GAP] = False
+        return covered
+
     def place(self, image: np.ndarray, module: int, frame: np.ndarray) -> None:
         """Write module `module`'s frame (its FrameBuffer bytes) into `image` (any numeric dtype)."""
         if self.kind == GIGAFROST:
-            _unpack_12bit_into(frame, self._gigafrost_rows(image, module))
+            dest = self._gigafrost_rows(image, module)
+            if kernels.AVAILABLE and dest.dtype == np.uint16:
+                kernels.unpack_12bit(frame, dest)
+            else:
+                _unpack_12bit_into(frame, dest)
             return
         pixels = self.frame_pixels(frame)
         dest = region(image, self.positions[module])
@@ -101,13 +147,11 @@ class Placer:
 
 
 def _unpack_12bit_into(packed: np.ndarray, dest: np.ndarray) -> None:
-    """Unpack little-endian 12-bit pixels (3 bytes per 2) into the 2-D view `dest` (any row stride)."""
+    """Unpack little-endian 12-bit pixels (3 bytes per 2) into the 2-D view `dest` (any row stride); the
+    numpy path (no numba, or a float image)."""
     rows, cols = dest.shape
     triples = packed[:rows * cols * 3 // 2].reshape(rows, cols // 2, 3).astype(np.uint16)
-    pairs = dest.reshape(rows, cols // 2, 2)
-    if not np.shares_memory(pairs, dest):  # numpy had to copy: unpack into a temporary instead
-        pairs = np.empty((rows, cols // 2, 2), dest.dtype)
+    pairs = np.empty((rows, cols // 2, 2), np.uint16)
     pairs[..., 0] = triples[..., 0] | ((triples[..., 1] & 0xF) << 8)
     pairs[..., 1] = (triples[..., 1] >> 4) | (triples[..., 2] << 4)
-    if not np.shares_memory(pairs, dest):
-        dest[...] = pairs.reshape(rows, cols)
+    dest[...] = pairs.reshape(rows, cols)

@@ -7,19 +7,32 @@ missing module has since delivered a newer id (it moved past), or when the image
 its frames are about to be overwritten in the FrameBuffer). A silent module therefore delays images by
 at most the timeout and never stops the pipeline.
 
-A frame for an id that was already released is late: counted and dropped. A module whose ids jump
-back (a restarted detector) is followed: the released ids at or above its new id are forgotten and
-every module's last id is reset (they belong to the previous run), so the new, lower ids start new
-images; images of the old run still waiting leave by the timeout.
+An id is published at most once per run: a frame for an id that was already released is *late*,
+counted and dropped. The highest RELEASED_MEMORY released ids are remembered exactly, and an id at or
+below the highest one forgotten is late too, so a very late frame cannot reopen an old image.
+
+Ids going backwards. A frame below its module's last id is, by default, a duplicate or a reordered
+frame: late, counted, dropped, and the module's last id stays. It is a *restart* of the module only when
+the jump back is larger than `restart_jump` (the FrameBuffer's depth: a frame that far back could not
+be read any more anyway) or when RESTART_AFTER_BACKWARD consecutive frames, with rising ids, are all
+behind the last id (a restart with a small jump). A restarted module leaves the current run: images
+still waiting stop waiting for it, and its frames are held as the next run. When every module that is
+alive (sent a frame within the timeout) has restarted, the detector restarted: the images of the old
+run still waiting are released, the released-id memory is cleared, and the held frames become the new
+run. If the other modules do not follow within the timeout, it was one module out of step (a
+power-cycled module, a glitched id): its held frames go back into the current run, where those whose
+ids were released already are late, and until one of its frames is accepted again the module counts as
+having moved past every image, so the others are not held back by it.
 """
 from __future__ import annotations
 
-import collections
+import heapq
 from dataclasses import dataclass, field
 
 from core_buffer.formats import ModuleFrame
 
-RELEASED_MEMORY = 4096  # released ids remembered to recognise late frames
+RELEASED_MEMORY = 4096  # released ids remembered exactly; lower ones through a floor
+RESTART_AFTER_BACKWARD = 3  # consecutive backward frames (rising among themselves) that make a restart
 
 
 @dataclass
@@ -34,72 +47,237 @@ class ReadyImage:
     image_id: int
     frames: dict[int, ModuleFrame]  # module -> frame, only the modules that delivered
     missing: list[int]  # modules without a frame
-    reason: str  # "complete", "moved_past", "timeout", "overflow"
+    reason: str  # "complete", "moved_past", "timeout", "overflow", "restart"
+
+
+class ReleasedIds:
+    """The ids released in a run: the highest `capacity` of them exactly (a set and a min-heap), lower
+    ones through a floor (the highest id forgotten so far; every id at or below it counts as released).
+    The smallest id is forgotten first, so one far-future id (a glitch) stays remembered and never
+    raises the floor over the ids in use."""
+
+    def __init__(self, capacity: int = RELEASED_MEMORY) -> None:
+        self.capacity = capacity
+        self._ids: set[int] = set()
+        self._heap: list[int] = []
+        self.floor = -1
+
+    def add(self, image_id: int) -> None:
+        if image_id in self:
+            return
+        self._ids.add(image_id)
+        heapq.heappush(self._heap, image_id)
+        if len(self._heap) > self.capacity:
+            oldest = heapq.heappop(self._heap)
+            self._ids.discard(oldest)
+            self.floor = max(self.floor, oldest)
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id <= self.floor or image_id in self._ids
+
+    def below_all(self, image_id: int) -> bool:
+        """True when `image_id` is lower than every id remembered (older than the run's images)."""
+        return bool(self._heap) and image_id < self._heap[0]
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self._heap.clear()
+        self.floor = -1
 
 
 class Synchronizer:
-    def __init__(self, n_modules: int, timeout_s: float, max_pending: int) -> None:
+    def __init__(self, n_modules: int, timeout_s: float, max_pending: int, restart_jump: int) -> None:
         self.n_modules = n_modules
         self.timeout_s = timeout_s
         self.max_pending = max_pending
-        self.pending: dict[int, PendingImage] = {}
+        self.restart_jump = restart_jump
+        self.pending: dict[int, PendingImage] = {}  # insertion order = first_seen order
         self.last_id: list[int | None] = [None] * n_modules
-        self._released: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.last_seen: list[float | None] = [None] * n_modules
+        self.released = ReleasedIds()
+        self._backward: list[list[ModuleFrame]] = [[] for _ in range(n_modules)]
+        self._detached: set[int] = set()  # out-of-step modules: moved past every image until accepted
+        # A restart in progress: the modules that left the run (-> their last id) and their frames.
+        self._restarted: dict[int, int | None] = {}
+        self._next_run: dict[int, PendingImage] = {}
+        self._restart_began = 0.0
+        # statistics (plain counters; the Assembler copies them)
         self.late_frames = 0
-        self.id_jumps_back = 0
+        self.module_restarts = 0
+        self.detector_restarts = 0
+        self.restarts_not_followed = 0
+        self.forward_jumps = 0
+
+    # --- input ----------------------------------------------------------------------------------------
 
     def add(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:
-        """Take one module frame; returns the images it made ready, oldest first."""
+        """Take one module frame; returns the images it made ready, in id order."""
         m, image_id = frame.module_id, frame.id
+        self.last_seen[m] = now
+        if m in self._restarted:
+            return self._add_next_run(frame, now)
         last = self.last_id[m]
-        if last is not None and image_id < last:
-            # A restarted detector: ids from here on belong to a new run. The other modules' last ids
-            # are of the old run, so they must not count as "moved past" the new ids.
-            self.id_jumps_back += 1
-            for old in [i for i in self._released if i >= image_id]:
-                del self._released[old]
-            self.last_id = [None] * self.n_modules
-        elif image_id in self._released:
+        if last is not None and image_id <= last:
+            backward = self._backward[m]
+            if last - image_id > self.restart_jump:
+                backward.clear()
+                return self._begin_restart(m, [frame], now)
+            if image_id < last and (not backward or image_id > backward[-1].id):
+                backward.append(frame)
+                if len(backward) >= RESTART_AFTER_BACKWARD:
+                    self.late_frames -= len(backward) - 1  # counted late one by one; they are the new run
+                    frames = list(backward)
+                    backward.clear()
+                    return self._begin_restart(m, frames, now)
+            else:
+                backward.clear()
             self.late_frames += 1
             return []
+        self._backward[m].clear()
+        return self._add_current(frame, now)
+
+    def expire(self, now: float) -> list[ReadyImage]:
+        """Images released by the timeout (call regularly, also when no frame arrives)."""
+        out = []
+        if self._restarted:
+            out += self._try_switch(now)
+            if self._restarted and now - self._restart_began >= self.timeout_s:
+                out += self._restart_not_followed(now)
+        expired = []
+        for pending in self.pending.values():  # first_seen order: stop at the first that may wait on
+            if now - pending.first_seen < self.timeout_s:
+                break
+            expired.append(pending)
+        out += [self._release(p, "timeout") for p in sorted(expired, key=lambda p: p.image_id)]
+        return out
+
+    # --- the current run ------------------------------------------------------------------------------
+
+    def _add_current(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:
+        m, image_id = frame.module_id, frame.id
+        last = self.last_id[m]
+        if last is not None and image_id - last > self.restart_jump:
+            self.forward_jumps += 1
         self.last_id[m] = image_id
         pending = self.pending.get(image_id)
         if pending is None:
+            if image_id in self.released or (m in self._detached and self.released.below_all(image_id)):
+                self.late_frames += 1  # (an out-of-step module rejoins only where its ids meet the run's)
+                return []
             pending = self.pending[image_id] = PendingImage(image_id, now)
+        self._detached.discard(m)
         pending.frames[m] = frame
-        return self._release_stale(now)
-
-    def expire(self, now: float) -> list[ReadyImage]:
-        """Images released by the timeout alone (call when no frame arrives)."""
-        return self._release_stale(now)
-
-    def _moved_past(self, pending: PendingImage) -> bool:
-        for m in range(self.n_modules):
-            if m in pending.frames:
-                continue
-            last = self.last_id[m]
-            if last is None or last <= pending.image_id:
-                return False
-        return True
-
-    def _release_stale(self, now: float) -> list[ReadyImage]:
         out = []
-        for image_id in sorted(self.pending):  # oldest first, so images leave in id order where possible
-            pending = self.pending[image_id]
-            if len(pending.frames) == self.n_modules:
-                out.append(self._release(pending, "complete"))
-            elif self._moved_past(pending):
-                out.append(self._release(pending, "moved_past"))
-            elif now - pending.first_seen >= self.timeout_s:
-                out.append(self._release(pending, "timeout"))
+        if len(pending.frames) == self.n_modules:
+            out.append(self._release(pending, "complete"))
+        elif all(self._passed(j, image_id) for j in range(self.n_modules) if j not in pending.frames):
+            out.append(self._release(pending, "moved_past"))  # m lags: the others are past this id already
+        if last is None or image_id - last > 1:  # m passed the ids in between: images may stop waiting
+            out += self._release_moved_past(lambda i: last is None or i > last, image_id)
         while len(self.pending) > self.max_pending:
             out.append(self._release(self.pending[min(self.pending)], "overflow"))
+        if len(out) > 1:
+            out.sort(key=lambda r: r.image_id)
         return out
+
+    def _passed(self, module: int, image_id: int) -> bool:
+        if module in self._restarted or module in self._detached:
+            return True
+        last = self.last_id[module]
+        return last is not None and last > image_id
+
+    def _release_moved_past(self, after, below: int | float) -> list[ReadyImage]:
+        """Release the waiting images with `after(id)` and id < `below` whose missing modules all passed."""
+        ready = []
+        for image_id in sorted(i for i in self.pending if i < below and after(i)):
+            pending = self.pending[image_id]
+            if all(self._passed(m, image_id) for m in range(self.n_modules) if m not in pending.frames):
+                ready.append(self._release(pending, "moved_past"))
+        return ready
 
     def _release(self, pending: PendingImage, reason: str) -> ReadyImage:
         del self.pending[pending.image_id]
-        self._released[pending.image_id] = None
-        if len(self._released) > RELEASED_MEMORY:
-            self._released.popitem(last=False)
+        self.released.add(pending.image_id)
         missing = [m for m in range(self.n_modules) if m not in pending.frames]
         return ReadyImage(pending.image_id, pending.frames, missing, reason)
+
+    # --- restarts -------------------------------------------------------------------------------------
+
+    def _begin_restart(self, module: int, frames: list[ModuleFrame], now: float) -> list[ReadyImage]:
+        self.module_restarts += 1
+        if not self._restarted:
+            self._restart_began = now
+        self._restarted[module] = None
+        for frame in frames:
+            self._hold(frame, now)
+        # The module left the run: images waiting for it stop waiting.
+        out = self._release_moved_past(lambda i: True, float("inf"))
+        return out + self._try_switch(now)
+
+    def _add_next_run(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:
+        self._hold(frame, now)
+        return self._try_switch(now)
+
+    def _hold(self, frame: ModuleFrame, now: float) -> None:
+        """Keep a frame of a restarted module for the next run."""
+        m, image_id = frame.module_id, frame.id
+        last = self._restarted[m]
+        if last is not None and image_id <= last:
+            if last - image_id <= self.restart_jump:
+                self.late_frames += 1  # a duplicate or reordered frame within the new run
+                return
+            self.module_restarts += 1  # restarted again: follow it
+        self._restarted[m] = image_id
+        held = self._next_run.get(image_id)
+        if held is None:
+            held = self._next_run[image_id] = PendingImage(image_id, now)
+        held.frames[m] = frame
+        while len(self._next_run) > self.max_pending:
+            oldest = self._next_run.pop(min(self._next_run))
+            self.late_frames += len(oldest.frames)
+
+    def _try_switch(self, now: float) -> list[ReadyImage]:
+        """Start the new run when every module that is alive has restarted."""
+        for m in range(self.n_modules):
+            if m in self._restarted:
+                continue
+            seen = self.last_seen[m]
+            if seen is not None and now - seen < self.timeout_s:
+                return []
+        self.detector_restarts += 1
+        out = [self._release(self.pending[i], "restart") for i in sorted(self.pending)]
+        self.released.clear()
+        self.last_id = [self._restarted.get(m) for m in range(self.n_modules)]
+        self._backward = [[] for _ in range(self.n_modules)]
+        self._detached.clear()
+        self.pending = dict(sorted(self._next_run.items(), key=lambda item: item[1].first_seen))
+        self._next_run = {}
+        self._restarted = {}
+        for image_id in sorted(self.pending):
+            held = self.pending[image_id]
+            if len(held.frames) == self.n_modules:
+                out.append(self._release(held, "complete"))
+        out += self._release_moved_past(lambda i: True, float("inf"))
+        return out
+
+    def _restart_not_followed(self, now: float) -> list[ReadyImage]:
+        """The other modules did not restart: the restarted ones were out of step. Their held frames go
+        back into the current run; a module whose latest frame is late stays detached until accepted."""
+        self.restarts_not_followed += 1
+        modules = dict(self._restarted)
+        held = sorted((f for p in self._next_run.values() for f in p.frames.values()), key=lambda f: f.id)
+        self._restarted = {}
+        self._next_run = {}
+        out = []
+        for m in modules:
+            self.last_id[m] = None
+            self._detached.add(m)
+        for frame in held:
+            late_before = self.late_frames
+            out += self._add_current(frame, now)
+            if self.late_frames == late_before:
+                self._detached.discard(frame.module_id)
+            else:
+                self._detached.add(frame.module_id)
+        out += self._release_moved_past(lambda i: True, float("inf"))
+        return sorted(out, key=lambda r: r.image_id)

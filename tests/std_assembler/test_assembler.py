@@ -2,17 +2,19 @@
 into the FrameBuffer and PUSHes their ModuleFrames) and a consumer of the metadata stream."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import zmq
 
-from core_buffer.detectors import pack_12bit
-from core_buffer.errors import ConfigError
+import core_buffer
+from core_buffer.errors import ConfigError, ImageLostError
 from core_buffer.formats import ImageMetadata, ModuleFrame
 from core_buffer.ipc import image_metadata_address, make_socket, module_frames_address
 from core_buffer.pattern import frame_bytes, frame_pattern
@@ -134,6 +136,52 @@ def test_every_detector_assembles_exactly_the_expected_image(rig, geometry):
         assert np.array_equal(image, expected), f"{np.count_nonzero(image != expected)} pixels differ"
 
 
+def eiger_500k_expected(config, image_id):
+    """An Eiger 500k (one module, 4 half-module streams) pixel by pixel from the detector's layout, not from
+    module_positions: stream 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right; chips of 256 x 256
+    with 2 gap pixels between neighbours (also between the streams); the bottom half is read out upside
+    down, so frame row 0 of streams 2 and 3 is the image's last row."""
+    image = np.zeros((514, 1030), config.image_dtype)
+    for s in range(4):
+        frame = frame_pattern(config.stream, s, image_id)
+        bottom, right = divmod(s, 2)
+        for row in range(256):
+            y = 513 - row if bottom else row
+            for chip in range(2):
+                x = right * 516 + chip * 258
+                image[y, x:x + 256] = frame[row, chip * 256:(chip + 1) * 256]
+    return image
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16, 32])
+@pytest.mark.parametrize("positions", ["example-config", "default"])
+def test_eiger_500k_has_its_gaps_and_flipped_bottom_half(rig, bit_depth, positions):
+    example = json.loads((Path(core_buffer.__file__).parent / "configs" / "eiger_500k.json").read_text())
+    extra = {"module_positions": example["module_positions"]} if positions == "example-config" else {}
+    r = rig(detector_type="eiger", n_modules=4, bit_depth=bit_depth, image_pixel_height=514,
+            image_pixel_width=1030, **extra)
+    r.send_image(77)
+    (meta,) = r.run(1)
+    expected = eiger_500k_expected(r.config, 77)
+    image = r.image(meta)
+    assert meta.status == 0
+    assert np.array_equal(image, expected), f"{np.count_nonzero(image != expected)} pixels differ"
+    assert not image[256:258].any() and not image[:, 256:258].any() and not image[:, 514:516].any()
+
+
+def test_eiger_without_positions_beyond_one_module_is_refused(make_config):
+    _, config = make_config(detector_type="eiger", n_modules=8, bit_depth=16, image_pixel_height=514,
+                            image_pixel_width=2068)
+    with pytest.raises(ConfigError, match="module_positions"):
+        Assembler(config)
+
+
+def test_a_jungfrau_stack_taller_than_the_image_is_refused_at_start(make_config):
+    _, config = make_config(n_modules=2, image_pixel_height=512)
+    with pytest.raises(ConfigError, match="image_pixel_height"):
+        Assembler(config)
+
+
 def write_calibration(path, n_modules, rows=512, mask_pixel=(3, 7)):
     rng = np.random.default_rng(4)
     pedestal = rng.uniform(800, 3000, (3, n_modules * rows, 1024)).astype(np.float32)
@@ -172,12 +220,51 @@ def test_jungfrau_conversion_matches_the_reference_with_nan_for_invalid_gain_and
     assert r.assembler.counters.nan_pixels == invalid == int(np.isnan(expected).sum())
 
 
-def test_numpy_fallback_converts_like_the_compiled_path(make_config, tmp_path):
+def sparse_gain_frame(shape, seed, p_other=0.02):
+    """Mostly G0 (real data), a few scattered G1/G2/invalid pixels, and one dense block (a bright spot)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 0x4000, shape, dtype=np.uint16)
+    gain = rng.choice(np.array([1, 3, 2], np.uint16), shape) * (rng.random(shape) < p_other)
+    gain[100:110, 500:600] = rng.choice(np.array([1, 3], np.uint16), (10, 100))
+    return raw | (gain.astype(np.uint16) << 14)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_jungfrau_conversion_of_mostly_g0_data_matches_the_reference(rig, tmp_path, threads):
+    pedestal, gain, mask = write_calibration(tmp_path / "cal.h5", 2)
+    r = rig(n_modules=2, image_pixel_height=1024, conversion="converted", calibration_file=str(tmp_path / "cal.h5"),
+            assembler={"conversion_threads": threads})
+    frames = [sparse_gain_frame((512, 1024), seed) for seed in (1, 2)]
+    for m in range(2):
+        r.send(4, m, data=frames[m].reshape(-1).view(np.uint8))
+    (meta,) = r.run(1)
+    expected = reference_conversion(np.vstack(frames), pedestal, gain, mask)
+    image = r.image(meta)
+    assert np.array_equal(np.isnan(image), np.isnan(expected))
+    assert np.allclose(image[~np.isnan(image)], expected[~np.isnan(expected)], rtol=1e-5, atol=1e-3)
+    assert r.assembler.counters.nan_pixels == int(np.isnan(expected).sum())
+
+
+def test_jungfrau_conversion_into_a_flipped_and_mirrored_place(rig, tmp_path):
+    pedestal, gain, mask = write_calibration(tmp_path / "cal.h5", 2)
+    r = rig(**GEOMETRIES["jungfrau-placed"], conversion="converted", calibration_file=str(tmp_path / "cal.h5"))
+    r.send_image(6)
+    (meta,) = r.run(1)
+    raw = np.vstack([frame_pattern(r.config.stream, m, 6) for m in range(2)])
+    stack = reference_conversion(raw, pedestal, gain, mask)
+    image = r.image(meta)
+    placed = np.stack([image[:512, :1024], image[1099:587:-1, 1029:5:-1]]).reshape(1024, 1024)
+    assert np.array_equal(np.isnan(placed), np.isnan(stack))
+    assert np.allclose(placed[~np.isnan(placed)], stack[~np.isnan(stack)], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("data", ["pattern", "sparse"])
+def test_numpy_fallback_converts_bit_for_bit_like_the_compiled_path(make_config, tmp_path, data):
     from std_assembler.convert import JungfrauConverter
 
-    pedestal, gain, mask = write_calibration(tmp_path / "cal.h5", 1)
+    write_calibration(tmp_path / "cal.h5", 1)
     _, config = make_config(conversion="converted", calibration_file=str(tmp_path / "cal.h5"))
-    raw = frame_pattern(config.stream, 0, 3)
+    raw = frame_pattern(config.stream, 0, 3) if data == "pattern" else sparse_gain_frame((512, 1024), 5)
     a, b = np.empty((512, 1024), np.float32), np.empty((512, 1024), np.float32)
     assert JungfrauConverter(config, use_numba=False).convert(0, raw, a) == \
         JungfrauConverter(config).convert(0, raw, b)
@@ -198,6 +285,26 @@ def test_background_and_flatfield_are_applied_after_geometry(rig, tmp_path):
     (meta,) = r.run(1)
     expected = (raw_image(r.config, 2).astype(np.float32) - background) / flat
     assert np.allclose(r.image(meta), expected, rtol=1e-5)
+
+
+def test_corrections_leave_a_missing_module_and_the_gaps_at_zero(rig, tmp_path):
+    shape = (1100, 1030)
+    background = np.full(shape, 7.0, np.float32)
+    flat = np.full(shape, 0.5, np.float32)
+    with h5py.File(tmp_path / "bg.h5", "w") as f:
+        f["background"] = background
+    with h5py.File(tmp_path / "ff.h5", "w") as f:
+        f["flatfield"] = flat
+    r = rig(**GEOMETRIES["jungfrau-placed"], background_file=str(tmp_path / "bg.h5"),
+            flatfield_file=str(tmp_path / "ff.h5"), assembler={"sync_timeout_s": 0.1})
+    r.send(1, 0)  # module 1 never comes
+    (meta,) = r.run(1)
+    assert meta.status == 3
+    image = r.image(meta)
+    module_0 = (raw_image(r.config, 1)[:512, :1024].astype(np.float32) - 7) / 0.5
+    assert np.array_equal(image[:512, :1024], module_0)
+    image[:512, :1024] = 0
+    assert not image.any(), "the missing module's area or a gap is not zero"
 
 
 def test_missing_module_lost_packets_and_mismatch_give_their_status(rig):
@@ -226,20 +333,87 @@ def test_drop_incomplete_counts_and_does_not_publish(rig):
     assert r.assembler.counters.images_dropped == 1
 
 
-def test_startup_offset_and_restart_do_not_stop_the_pipeline(rig):
+def test_startup_offset_and_detector_restart_do_not_stop_the_pipeline(rig):
     r = rig(n_modules=2, image_pixel_height=1024, assembler={"sync_timeout_s": 5.0})
-    for i in (1, 2, 3):
+    for i in (1001, 1002, 1003):
         r.send(i, 0)
     assert r.run(1, timeout_s=0.3) == []  # module 1 has not started yet: nothing is ready
-    r.send(3, 1)  # module 1 started late: 1 and 2 are released without it at once, in id order
+    r.send(1003, 1)  # module 1 started late: 1001 and 1002 are released without it at once, in id order
     metas = r.run(3)
-    for i in (1, 2):  # both receivers restarted: ids start again
+    for i in (1, 2):  # the detector restarted: ids start again, far below (more than the FrameBuffer holds)
         r.send_image(i)
         metas += r.run(1)
-    assert [(m.id, m.status) for m in metas] == [(1, 3), (2, 3), (3, 0), (1, 0), (2, 0)]
+    assert [(m.id, m.status) for m in metas] == [(1001, 3), (1002, 3), (1003, 0), (1, 0), (2, 0)]
     assert [m.user_1 for m in metas] == [0, 1, 2, 3, 4]
-    assert r.assembler.sync.id_jumps_back == 1  # one detector restart
+    c = r.assembler.counters
+    assert (c.detector_restarts, c.module_restarts, c.late_frames) == (1, 2, 0)
     assert np.array_equal(r.image(metas[-1]), raw_image(r.config, 2))
+
+
+def test_a_duplicated_frame_is_counted_late_and_its_image_is_not_published_again(rig):
+    r = rig(n_modules=2, image_pixel_height=1024, assembler={"sync_timeout_s": 0.2})
+    for i in (1, 2, 3):
+        r.send_image(i)
+    metas = r.run(3)
+    r.send(2, 1)  # a duplicate (or reordered) frame of module 1, below its last id
+    r.send_image(4)
+    metas += r.run(2, timeout_s=0.6)
+    assert [(m.id, m.status) for m in metas] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert np.array_equal(r.image(metas[1]), raw_image(r.config, 2))  # slot of 2 untouched
+    assert r.assembler.counters.late_frames == 1 and r.assembler.counters.module_restarts == 0
+
+
+def test_a_single_restarted_receiver_leaves_the_others_going_without_republishing(rig):
+    r = rig(n_modules=2, image_pixel_height=1024, frame_buffer_slots=16, assembler={"sync_timeout_s": 0.2})
+    for i in range(100, 103):
+        r.send_image(i)
+    metas = r.run(3)
+    for i in range(103, 110):  # module 1 jumps back to 1 (a restarted receiver/module), module 0 goes on
+        r.send(i - 102, 1)
+        r.send(i, 0)
+        metas += r.run(1, timeout_s=0.1)
+        time.sleep(0.05)
+    metas += r.run(10, timeout_s=0.5)
+    ids = [m.id for m in metas]
+    assert ids == list(range(100, 110)), "every image of module 0 once, in order, none of the old ids again"
+    assert all(m.status == 3 for m in metas[3:]) and all(m.status == 0 for m in metas[:3])
+    image = r.image(metas[-1])
+    assert not image[512:].any() and np.array_equal(image[:512], raw_image(r.config, 109)[:512])
+    c = r.assembler.counters
+    assert c.module_restarts == 1 and c.detector_restarts == 0 and c.late_frames >= 1
+
+
+def test_a_forward_id_jump_is_followed(rig):
+    r = rig(n_modules=2, image_pixel_height=1024)
+    r.send_image(5)
+    r.send_image(5_000_000)
+    r.send_image(5_000_001)
+    metas = r.run(3)
+    assert [(m.id, m.status) for m in metas] == [(5, 0), (5_000_000, 0), (5_000_001, 0)]
+    assert r.assembler.counters.forward_jumps == 2
+
+
+def test_an_image_that_fails_to_assemble_is_counted_and_the_rest_of_its_batch_is_published(rig):
+    r = rig(n_modules=2, image_pixel_height=1024, assembler={"sync_timeout_s": 5.0})
+    place, calls = r.assembler.placer.place, []
+
+    def failing_place(image, module, frame):
+        calls.append(module)
+        if len(calls) == 2:  # image 2's only frame
+            raise RuntimeError("injected")
+        place(image, module, frame)
+
+    r.assembler.placer.place = failing_place
+    for i in (1, 2, 3):
+        r.send(i, 0)
+    r.send(3, 1)  # releases 1, 2 (moved past) and 3 (complete) in one batch
+    metas = r.run(3, timeout_s=1.0)
+    assert [(m.id, m.status) for m in metas] == [(1, 3), (3, 0)]
+    assert [m.user_1 for m in metas] == [0, 1]  # a consumer sees no gap: 2 was never published
+    assert r.assembler.counters.images_failed == 1
+    with pytest.raises(ImageLostError):
+        r.assembler.images.read_meta(2)  # its slot is marked invalid, not left with stale pixels
+    assert np.array_equal(r.image(metas[1]), raw_image(r.config, 3))
 
 
 def test_a_frame_arriving_after_its_image_timed_out_is_late_and_dropped(rig):
@@ -284,3 +458,9 @@ def test_pedestal_command_averages_each_gain(make_config, tmp_path):
     assert np.allclose(pedestal[0][g == 0], adc[g == 0])
     assert np.allclose(pedestal[2][g == 3], adc[g == 3])
     assert np.isnan(pedestal[1][g != 1]).all()
+
+
+def test_the_package_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "std_assembler", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "std_assembler" in result.stdout

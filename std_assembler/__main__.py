@@ -1,0 +1,3 @@
+from std_assembler.cli import main
+
+raise SystemExit(main())
