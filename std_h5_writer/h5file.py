@@ -21,8 +21,10 @@ written: no write arrived for the row (also every row past the last flush of a f
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 
 import h5py
@@ -31,6 +33,7 @@ import numpy as np
 
 from core_buffer import __version__
 from core_buffer.config import DetectorConfig
+from core_buffer.output import open_output_directory
 
 STATUS_LOST = 4
 STATUS_REJECTED = 5
@@ -48,6 +51,7 @@ CHUNK_ALIGNMENT = 1 << 20
 # Pixel pitch in metres, for the NXdetector (a detector type not listed gets none).
 PIXEL_SIZE_M = {"jungfrau": 75e-6, "eiger": 75e-6, "gigafrost": 11e-6}
 
+SPACE_RESERVE_BYTES = 4 * 2**20
 COLUMN_START_ROWS = 65536  # per-image columns grow by doubling, so a huge n_images allocates nothing up front
 
 
@@ -55,33 +59,50 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _create(path: str, mode: int, overwrite: bool, uid: int | None, **fapl) -> h5py.File:
+class OutputRemovedError(OSError):
+    """The file is no longer at its path (it, or its directory, was removed or replaced while open)."""
+
+
+def _create(path: str, output_dirs: tuple[str, ...], mode: int, overwrite: bool, uid: int | None,
+            **fapl) -> h5py.File:
     """A new HDF5 file at `path` with exactly `mode` and owner `uid`.
 
-    HDF5 creates it itself with O_CREAT|O_EXCL ("x"): never through a symlink, and never by truncating
-    an existing file. The latter matters for speed: ext4 (and XFS) flush every dirty page of a file that
-    was truncated to zero when it is closed (ext4's auto_da_alloc), which made closing a 1 GiB file take
-    ~0.45 s, as long as writing it. An existing file (overwrite on) is unlinked first, so a reader that
-    has it open keeps the old data. The umask is set for the call so the file never exists with wider
-    permissions than `mode`; only this (the writer's main) thread creates files."""
-    if overwrite and os.path.lexists(path) and not os.path.islink(path):
-        os.unlink(path)
-    old_umask = os.umask(0o777 & ~mode)
+    The directory is reached from the allowed directory without following links and pinned by a
+    descriptor (core_buffer.output.open_output_directory), and HDF5 creates the file inside it through
+    /proc/self/fd with O_CREAT|O_EXCL ("x"): a directory or name swapped for a symlink after the path was
+    checked is refused, never followed. Never by truncating an existing file either, which matters for
+    speed: ext4 (and XFS) flush every dirty page of a file that was truncated to zero when it is closed
+    (ext4's auto_da_alloc), which made closing a 1 GiB file take ~0.45 s, as long as writing it. An
+    existing file (overwrite on) is unlinked first, so a reader that has it open keeps the old data. The
+    umask is set for the call so the file never exists with wider permissions than `mode`; only this (the
+    writer's main) thread creates files."""
+    name = os.path.basename(path)
+    dir_fd = open_output_directory(path, output_dirs)
     try:
-        f = h5py.File(path, "x", **fapl)
-    finally:
-        os.umask(old_umask)
-    try:
-        fd = f.id.get_vfd_handle()
-        os.fchmod(fd, mode)
-        if uid is not None:
-            import pwd
+        if overwrite:
+            try:
+                if not stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+                    os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            f = h5py.File(f"/proc/self/fd/{dir_fd}/{name}", "x", **fapl)
+        finally:
+            os.umask(old_umask)
+        try:
+            fd = f.id.get_vfd_handle()
+            os.fchmod(fd, mode)
+            if uid is not None:
+                import pwd
 
-            os.fchown(fd, uid, pwd.getpwuid(uid).pw_gid)
-    except BaseException:
-        f.close()
-        os.unlink(path)
-        raise
+                os.fchown(fd, uid, pwd.getpwuid(uid).pw_gid)
+        except BaseException:
+            f.close()
+            os.unlink(name, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
     return f
 
 
@@ -101,7 +122,14 @@ class OutputFile:
         # The default (earliest) file format on purpose: it has no "open for writing" flag in the
         # superblock, so a file whose writer was killed opens as it was at its last flush (the latest
         # format would refuse it until `h5clear -s`).
-        self.file = _create(path, mode, overwrite, uid, **fapl)
+        self.file = _create(path, config.output_dirs, mode, overwrite, uid, **fapl)
+        self.fd = self.file.id.get_vfd_handle()
+        created = os.fstat(self.fd)
+        self.identity = (created.st_dev, created.st_ino)
+        # Room kept free for closing the file (per-image columns, attributes, HDF5's metadata): a file
+        # system that runs full inside HDF5's own metadata writes leaves the file unclosable (and h5py
+        # crashes the process when it finalises it), so a run stops before that, with ENOSPC of its own.
+        self.reserve_bytes = SPACE_RESERVE_BYTES + 64 * n_images
         try:
             self._layout(config, request, compression)
         except BaseException:
@@ -188,14 +216,24 @@ class OutputFile:
 
     # --- images ---------------------------------------------------------------------------------------
 
+    def ensure_room(self, nbytes: int) -> None:
+        """OSError(ENOSPC) unless `nbytes` fit on the file system with the closing reserve left over."""
+        st = os.fstatvfs(self.fd)
+        free = st.f_bavail * st.f_frsize
+        if free < nbytes + self.reserve_bytes:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.1f} MiB free where {self.path} "
+                                        f"is, and {self.reserve_bytes / 2**20:.1f} MiB are kept to close the file")
+
     def write_chunk(self, i: int, chunk: np.ndarray) -> None:
         """Store row `i` as it will be on disk: raw pixels, or a bitshuffle-LZ4 chunk for a compressed file.
         A contiguous view of shared memory is fine: it is written from where it is, without a copy."""
+        self.ensure_room(chunk.nbytes + CHUNK_ALIGNMENT)
         self.data.id.write_direct_chunk((i, 0, 0), chunk)
 
     def write_pixels(self, i: int, pixels: np.ndarray) -> None:
         """Store row `i` from pixels, through HDF5's filter pipeline if the file is compressed (slow path)."""
         if self.compressed:
+            self.ensure_room(pixels.nbytes)
             self.data[i] = pixels
         else:
             self.write_chunk(i, pixels)
@@ -221,7 +259,19 @@ class OutputFile:
             grown[:len(column)] = column
             self.columns[name] = grown
 
+    def check_in_place(self) -> None:
+        """OutputRemovedError if the path no longer leads to this file: writing on would fill an inode
+        nobody can reach, and the run must not end as a success."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != self.identity:
+            raise OutputRemovedError(f"{self.path} was removed or replaced during the write (its directory "
+                                     "deleted?); the images written to it are lost")
+
     def flush(self) -> None:
+        self.check_in_place()
         n = self.n_slots
         for name, dset in self.meta.items():
             dset[:n] = self.columns[name][:n]
@@ -240,3 +290,4 @@ class OutputFile:
         self.file.attrs.update({"state": state, "end_time": end, "n_images_written": self.n_written,
                                 "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
         self.file.close()
+        self.check_in_place()

@@ -45,6 +45,7 @@ from std_h5_writer.h5file import STATUS_LOST, STATUS_REJECTED, OutputFile
 log = logging.getLogger("std_h5_writer")
 
 HWM = 100000
+UNCLOSABLE_FILES: list = []  # OutputFiles HDF5 failed to close; see _finish
 UNSENT_STATUSES_MAX = 1000
 COMPRESSIONS = ("none", "bitshuffle-lz4")
 PENDING_POLL_S = 0.001  # poll timeout while compressed images are in flight: their results go out at once
@@ -426,7 +427,9 @@ class H5Writer:
                 try:
                     run.file.file.close()
                 except Exception:  # noqa: BLE001 - the file is beyond saving; the status says so
-                    pass
+                    # HDF5 could not close it (a write failed inside its metadata): h5py would crash the
+                    # process when it finalises these objects, so they are kept, unreachable, for good.
+                    UNCLOSABLE_FILES.append(run.file)
         failed = error is not None
         run.error = error
         self.counters.files_failed += failed

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+from std_h5_writer.h5file import STATUS_NOT_WRITTEN
 from tests.e2e.expected import raw_image
 
 pytestmark = pytest.mark.broker
@@ -66,7 +67,7 @@ def test_kill_9_of_a_service_mid_write_ends_the_request_and_the_pipeline_resumes
     else:  # killed mid-file: readable up to its last flush, and it says it was never finished
         with h5py.File(out, "r") as f:
             assert f.attrs["state"] == "writing"
-            n = int((f[f"{config.detector_name}/image_id"][:] != 0).sum())
+            n = int((f[f"{config.detector_name}/status"][:] != STATUS_NOT_WRITTEN).sum())
             assert n > 0
             assert_no_wrong_pixel(config, f["entry/data/data"][:n], f[f"{config.detector_name}/image_id"][:n],
                                   f[f"{config.detector_name}/status"][:n])

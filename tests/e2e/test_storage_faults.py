@@ -1,0 +1,100 @@
+"""Storage that fails under a running pipeline: a full disk, a read-only directory, a directory removed
+during a write. Each ends the request with request_fail naming the problem, and the next write succeeds.
+
+The full disk and the read-only directory are real mounts (a small tmpfs, a read-only bind mount), so
+these tests need root (CI runs as root); without it they are skipped with the reason."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import h5py
+import pytest
+
+pytestmark = pytest.mark.broker
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a read-only bind needs root")
+
+
+def mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(kind, dir): a small tmpfs ("tmpfs") or a read-only bind ("ro") at dir, unmounted afterwards."""
+    mounts = []
+
+    def make(kind: str, directory) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if kind == "tmpfs":
+            mount("-t", "tmpfs", "-o", "size=6m,mode=0777", "tmpfs", str(directory))
+        else:
+            mount("--bind", str(directory), str(directory))
+            mounts.append(directory)
+            mount("-o", "remount,bind,ro", str(directory))
+            return
+        mounts.append(directory)
+
+    yield make
+    for directory in reversed(mounts):
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=30)
+
+
+def write(client, config, path, n):
+    return client.send_write(config.detector_name, {"output_file": str(path), "n_images": n})
+
+
+def then_a_good_write_succeeds(client, config, pipe, tmp_path):
+    outcome = client.wait(write(client, config, tmp_path / "out" / "after.h5", 10), timeout_s=60)
+    assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
+    with h5py.File(tmp_path / "out" / "after.h5", "r") as f:
+        assert f["entry/data/data"].shape[0] == 10
+
+
+@needs_root
+def test_a_full_disk_fails_the_request_with_the_error_and_the_next_write_succeeds(
+        pipeline_config, pipelines, client, tmp_path, mounted):
+    small = tmp_path / "out" / "small"
+    mounted("tmpfs", small)  # 6 MiB: room for about five 1 MiB images
+    path, config = pipeline_config()
+    pipe = pipelines(path, config)
+    pipe.simulate("--rate", "50", "--n-images", "forever")
+    outcome = client.wait(write(client, config, small / "full.h5", 40), timeout_s=60)
+    assert outcome.final_action == "request_fail", outcome
+    assert "No space left on device" in outcome.message, outcome.message
+    then_a_good_write_succeeds(client, config, pipe, tmp_path)
+
+
+@needs_root
+def test_a_read_only_directory_fails_the_request_with_the_error(pipeline_config, pipelines, client, tmp_path,
+                                                                  mounted):
+    read_only = tmp_path / "out" / "ro"
+    mounted("ro", read_only)
+    path, config = pipeline_config()
+    pipe = pipelines(path, config)
+    pipe.simulate("--rate", "50", "--n-images", "forever")
+    outcome = client.wait(write(client, config, read_only / "x.h5", 5), timeout_s=60)
+    assert outcome.final_action == "request_fail", outcome
+    assert "Read-only file system" in outcome.message, outcome.message
+    assert not (read_only / "x.h5").exists()
+    then_a_good_write_succeeds(client, config, pipe, tmp_path)
+
+
+def test_a_directory_removed_during_the_write_fails_the_request_saying_so(pipeline_config, pipelines, client,
+                                                                           tmp_path):
+    doomed = tmp_path / "out" / "doomed"
+    doomed.mkdir(parents=True)
+    path, config = pipeline_config(writer={"flush_interval_s": 0.2, "status_interval_s": 0.2})
+    pipe = pipelines(path, config)
+    pipe.simulate("--rate", "50", "--n-images", "forever")
+    request_id = write(client, config, doomed / "gone.h5", 150)
+    client.wait(request_id, timeout_s=30, until="request_progress")
+    shutil.rmtree(doomed)
+    time.sleep(0.5)
+    outcome = client.wait(request_id, timeout_s=60)
+    assert outcome.final_action == "request_fail", outcome
+    assert "removed" in outcome.message, outcome.message
+    then_a_good_write_succeeds(client, config, pipe, tmp_path)
