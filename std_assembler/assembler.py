@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Mapping
 
+import numpy as np
 import zmq
 
 from core_buffer.config import DetectorConfig
@@ -65,7 +66,12 @@ class Assembler:
         self.dtype = config.image_dtype
         self.dtype_code = int(Dtype.from_numpy(self.dtype))
         self.shape = config.image_shape
-        self.n_packets = config.stream.packets_per_frame
+        self.image_bytes = config.image_bytes
+        self.n_modules = config.n_modules
+        self._frame_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._image_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._stack_cache: dict[int, np.ndarray] = {}
+        self._stacked_conversion = self.converter is not None and self.placer.stacked
         self.frames = FrameBuffer.for_config(config)
         self.images = ImageBuffer.for_config(config)
         if self.corrections.active:
@@ -86,16 +92,32 @@ class Assembler:
             self.poller.register(pull, zmq.POLLIN)
             self.pulls.append(pull)
             self.module_of[pull] = m
+        self._warm_up()
         self.pub = make_socket(self.context, zmq.PUB, hwm=PUB_HWM)
         self.pub.bind(image_metadata_address(config))
         self.sequence = 0
         log.info("assembling %d modules of %s into %s images %s, metadata on %s", config.n_modules,
                  config.detector_type, self.dtype, self.shape, image_metadata_address(config))
 
+    def _warm_up(self) -> None:
+        """Compile (or load from numba's cache) the kernels for exactly the array layouts the images will
+        use, now rather than on the first image (a first compile takes seconds)."""
+        scratch = np.zeros(self.shape, self.dtype)
+        stream = self.config.stream
+        frame = self.placer.frame_pixels(np.zeros(stream.frame_bytes, np.uint8))
+        if self._stacked_conversion:
+            self.converter.convert_stack(np.zeros((self.n_modules * stream.frame_height, stream.frame_width),
+                                                  stream.pixel_dtype), scratch)
+        for m in range(self.n_modules):
+            if self.converter is not None:
+                self.converter.convert(m, frame, self.placer.target(scratch, m))
+            elif m == 0:
+                self.placer.place(scratch, m, frame)
+
     # --- the hot path -------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float) -> None:
-        events = self.poller.poll(timeout_s * 1000 if not self.sync.pending else min(timeout_s, 0.01) * 1000)
+        events = self.poller.poll(timeout_s * 1000 if not self.sync.waiting else min(timeout_s, 0.01) * 1000)
         now = time.monotonic()
         for sock, _ in events:
             for _ in range(DRAIN_PER_SOCKET):
@@ -145,27 +167,34 @@ class Assembler:
         if missing and self.settings.drop_incomplete:
             c.images_dropped += 1
             return
-        image = self.images.begin_image(image_id)[:self.config.image_bytes].view(self.dtype).reshape(self.shape)
+        self.images.begin_image(image_id)  # marks the slot invalid until commit_image
+        image, targets = self._image_views(self.images.slot_of(image_id))
+        slot = self.frames.slot_of(image_id)
+        frame_ids, frame_pixels = self._frame_views(slot)
+        placer, converter = self.placer, self.converter
         lost_packets = False
-        for m in range(self.config.n_modules):
+        whole = self._stacked_conversion and not missing and bool((frame_ids == image_id).all())
+        if whole:  # every frame there and the image is their plain stack: one kernel call for all
+            c.nan_pixels += converter.convert_stack(self._frame_stack(slot), image)
+        for m in range(self.n_modules):
             frame = ready.frames.get(m)
             if frame is None:
-                self.placer.zero(image, m)
+                placer.zero(image, m)
                 continue
-            if not self.frames.still_holds(image_id, m):
+            if not whole:
+                if frame_ids[m] != image_id:  # overwritten in the FrameBuffer before we got to it
+                    c.frames_overwritten += 1
+                    missing.append(m)
+                    placer.zero(image, m)
+                    continue
+                if converter is not None:
+                    c.nan_pixels += converter.convert(m, frame_pixels[m], targets[m])
+                else:
+                    placer.place(image, m, frame_pixels[m])
+            if frame_ids[m] != image_id:  # overwritten while we read it
                 c.frames_overwritten += 1
                 missing.append(m)
-                self.placer.zero(image, m)
-                continue
-            data = self.frames.frame_data(image_id, m)
-            if self.converter is not None:
-                c.nan_pixels += self.converter.convert(m, self.placer.frame_pixels(data), self.placer.target(image, m))
-            else:
-                self.placer.place(image, m, data)
-            if not self.frames.still_holds(image_id, m):  # overwritten while we read it
-                c.frames_overwritten += 1
-                missing.append(m)
-                self.placer.zero(image, m)
+                placer.zero(image, m)
                 continue
             lost_packets |= frame.n_recv_packets < frame.n_packets
         present = [f for m, f in ready.frames.items() if m not in missing]
@@ -185,7 +214,7 @@ class Assembler:
         if self.corrections.active:
             self.corrections.apply(image)
             for m in set(missing):  # corrections turned their zeros into -background / flat-field
-                self.placer.zero(image, m)
+                placer.zero(image, m)
         frame_index = present[0].frame_index if present else 0
         meta = ImageMetadata(image_id, self.shape[0], self.shape[1], self.dtype_code, status=int(status),
                              user_1=self.sequence, user_2=frame_index)
@@ -199,6 +228,37 @@ class Assembler:
         c.sequence = self.sequence
         c.last_image_id = image_id
 
+    # Views on the shared memory, made once per slot: building numpy views costs microseconds per module,
+    # as much as placing a small frame.
+
+    def _frame_views(self, slot: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the module frames' ids, live; each module's frame as pixels) of a FrameBuffer slot."""
+        views = self._frame_cache.get(slot)
+        if views is None:
+            frames, placer = self.frames, self.placer
+            pixels = [placer.frame_pixels(frames.module_data(slot, m)) for m in range(self.n_modules)]
+            views = self._frame_cache[slot] = (frames.metas(slot)["id"], pixels)
+        return views
+
+    def _frame_stack(self, slot: int) -> np.ndarray:
+        """The frames of a FrameBuffer slot as one raw stack (n_modules * rows x cols pixels), zero-copy."""
+        stack = self._stack_cache.get(slot)
+        if stack is None:
+            stream = self.config.stream
+            rows = self.n_modules * stream.frame_height
+            stack = self.frames.slot_data(slot)[:self.n_modules * stream.frame_bytes].view(stream.pixel_dtype)
+            stack = self._stack_cache[slot] = stack.reshape(rows, stream.frame_width)
+        return stack
+
+    def _image_views(self, slot: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the typed image, each module's target view in it) of an ImageBuffer slot."""
+        views = self._image_cache.get(slot)
+        if views is None:
+            image = self.images.slot_data(slot)[:self.image_bytes].view(self.dtype).reshape(self.shape)
+            targets = [self.placer.target(image, m) for m in range(self.n_modules)] if self.converter else []
+            views = self._image_cache[slot] = (image, targets)
+        return views
+
     # --- Service --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -207,6 +267,9 @@ class Assembler:
         self._assemble_all(self.sync.expire(float("inf")))
 
     def close(self) -> None:
+        self._frame_cache.clear()  # our views of the buffers go before the buffers
+        self._image_cache.clear()
+        self._stack_cache.clear()
         for pull in self.pulls:
             pull.close()
         self.pub.close(linger=0)

@@ -14,7 +14,8 @@ pixels in another gain are found with a vector compare and recomputed from a per
 Without numba the same float32 arithmetic runs as numpy passes (slower), with identical results.
 
 Corrections file (HDF5, `background_file` / `flatfield_file`): dataset `background` or `flatfield` of the
-image's shape; the image becomes `(image - background) / flatfield` (float32), after geometry.
+image's shape; the image becomes `(image - background) / flatfield` (float32), after geometry. Gap pixels
+stay zero (the corrections are neutralised there at load); a flat-field of 0 gives NaN.
 """
 from __future__ import annotations
 
@@ -83,9 +84,13 @@ class JungfrauConverter:
         n = self.h * self.w
         self._bad_g0 = [np.flatnonzero(bad_g0[m * self.h:(m + 1) * self.h]).astype(np.int64)
                         for m in range(config.n_modules)]
+        self._tables = [self.tables(m) for m in range(config.n_modules)]
+        self._bad_g0_stack = np.flatnonzero(bad_g0).astype(np.int64)
         self.threads = threads
         self.kernel = None
-        if use_numba:
+        if use_numba and self.w % 64:
+            log.warning("frames %d pixels wide: Jungfrau conversion runs on the numpy path", self.w)
+        elif use_numba:
             if kernels.AVAILABLE:
                 self.kernel = kernels.convert_parallel if threads > 1 else kernels.convert_serial
                 if threads > 1:
@@ -98,8 +103,6 @@ class JungfrauConverter:
         self._rows = np.zeros(scratch, np.int64)
         self._cols = np.zeros(scratch, np.int64)
         self._adc = np.empty(n, np.float32)  # numpy path only
-        if self.kernel is not None:  # compile (or load from numba's cache) now, not on the first image
-            self.convert(0, np.zeros((self.h, self.w), np.uint16), np.empty((self.h, self.w), np.float32))
 
     @property
     def path(self) -> str:
@@ -110,13 +113,23 @@ class JungfrauConverter:
         n = self.h * self.w * 4
         return self._pedestal_g0[rows], self._inverse_g0[rows], self._others[module * n:(module + 1) * n]
 
+    def convert_stack(self, raw: np.ndarray, out: np.ndarray) -> int:
+        """Convert all modules at once: `raw` the frames stacked in module order (n_modules * h x w, the
+        FrameBuffer slot as it is), `out` the same shape (the image, when geometry is the plain stack).
+        One kernel call per image instead of one per module (and one fork/join of the worker threads)."""
+        if self.kernel is not None:
+            return self.kernel(raw, self._pedestal_g0, self._inverse_g0, self._others, self._bad_g0_stack, out,
+                               self._rows, self._cols)
+        return sum(self.convert(m, raw[m * self.h:(m + 1) * self.h], out[m * self.h:(m + 1) * self.h])
+                   for m in range(self.n_modules))
+
     def convert(self, module: int, raw: np.ndarray, out: np.ndarray) -> int:
         """Convert a module's raw frame (h x w uint16, C order) into `out` (h x w float32, any strides,
         e.g. a flipped view of the image); returns the number of NaN pixels."""
-        pedestal_g0, inverse_g0, others = self.tables(module)
+        pedestal_g0, inverse_g0, others = self._tables[module]
         if self.kernel is not None:
-            return int(self.kernel(raw, pedestal_g0, inverse_g0, others, self._bad_g0[module], out,
-                                   self._rows, self._cols))
+            return self.kernel(raw, pedestal_g0, inverse_g0, others, self._bad_g0[module], out,
+                               self._rows, self._cols)
         # numpy: the same arithmetic in whole-array passes (G0 everywhere, then the other pixels)
         flat = raw.reshape(-1)
         adc = self._adc

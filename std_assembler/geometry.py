@@ -93,7 +93,10 @@ class Placer:
                 for m, p in enumerate(self.positions))
 
     def frame_pixels(self, frame: np.ndarray) -> np.ndarray:
-        """A module's raw frame bytes as pixels (rows x cols); Gigafrost stays packed (see place)."""
+        """A module's frame bytes (its FrameBuffer data) as `place` takes them: pixels (rows x cols), except
+        Gigafrost's, which stay packed 12-bit bytes."""
+        if self.kind == GIGAFROST:
+            return frame
         return frame.view(self.stream.pixel_dtype).reshape(self.stream.frame_height, self.stream.frame_width)
 
     def target(self, image: np.ndarray, module: int) -> np.ndarray:
@@ -115,15 +118,15 @@ class Placer:
         return covered
 
     def place(self, image: np.ndarray, module: int, frame: np.ndarray) -> None:
-        """Write module `module`'s frame (its FrameBuffer bytes) into `image` (any numeric dtype)."""
+        """Write module `module`'s frame (as `frame_pixels` gives it) into `image` (any numeric dtype)."""
         if self.kind == GIGAFROST:
-            dest = self._gigafrost_rows(image, module)
-            if kernels.AVAILABLE and dest.dtype == np.uint16:
-                kernels.unpack_12bit(frame, dest)
+            if kernels.AVAILABLE and image.flags.c_contiguous and image.dtype in (np.uint16, np.float32):
+                y0, dy, x0 = self._gigafrost_place(module)
+                kernels.unpack_12bit(frame, image, self.stream.frame_height, self.stream.frame_width, y0, dy, x0)
             else:
-                _unpack_12bit_into(frame, dest)
+                _unpack_12bit_into(frame, self._gigafrost_rows(image, module))
             return
-        pixels = self.frame_pixels(frame)
+        pixels = frame
         dest = region(image, self.positions[module])
         if self.kind == EIGER:
             for chip in range(self.stream.frame_width // EIGER_CHIP):
@@ -135,15 +138,18 @@ class Placer:
     def zero(self, image: np.ndarray, module: int) -> None:
         self.target(image, module)[...] = 0
 
-    def _gigafrost_rows(self, image: np.ndarray, module: int) -> np.ndarray:
+    def _gigafrost_place(self, module: int) -> tuple[int, int, int]:
+        """(image row of the stream's row 0, row step, first column) of a Gigafrost stream."""
         quadrant, link = divmod(module, 2)
         half_h, half_w = self.shape[0] // 2, self.shape[1] // 2
-        cols = slice(0, half_w) if quadrant in (0, 2) else slice(half_w, 2 * half_w)
+        x0 = 0 if quadrant in (0, 2) else half_w
         if quadrant >= 2:  # bottom: from the centre line down
-            rows = slice(half_h + link, None, 2)
-        else:  # top: from the centre line up
-            rows = slice(half_h - 1 - link, None, -2)
-        return image[rows, cols][:self.stream.frame_height]
+            return half_h + link, 2, x0
+        return half_h - 1 - link, -2, x0  # top: from the centre line up
+
+    def _gigafrost_rows(self, image: np.ndarray, module: int) -> np.ndarray:
+        y0, dy, x0 = self._gigafrost_place(module)
+        return image[y0::dy, x0:x0 + self.shape[1] // 2][:self.stream.frame_height]
 
 
 def _unpack_12bit_into(packed: np.ndarray, dest: np.ndarray) -> None:

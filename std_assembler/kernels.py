@@ -18,6 +18,11 @@ module frame = 512 x 1024 pixels, realistic data: ~98 % G0, the other ~2 % scatt
 - Arithmetic is the float32 reference `(adc - pedestal) * (1 / gain)` exactly (no fastmath): the loop
   is memory bound, so there is nothing to gain from reassociation, and results stay bit-identical to
   the numpy path.
+
+Gigafrost: LLVM does not vectorise the 3-bytes-to-2-pixels loop by itself (about 600 images/s for
+2016 x 2016 even with contiguous rows; 167/s through a strided 2-D view); `_unpack16` spells out the
+SIMD version (one byte shuffle, a mask, a shift, a blend per 16 pixels) and writes straight into the
+interleaved, flipped image rows: about 1000 images/s, against ~1900/s for a plain copy of the bytes.
 """
 from __future__ import annotations
 
@@ -171,17 +176,61 @@ if AVAILABLE:
                                  rows[s], cols[s])
         return nan + _count_g0_nan(raw, bad_g0)
 
+    @intrinsic
+    def _unpack16(typingctx, packed, at, image, to):
+        """16 pixels from the 24 bytes at packed[at] (12-bit, little-endian) into image.flat[to:to + 16]
+        (uint16, or float32 for corrected images). Reads 32 bytes: callers keep 8 bytes of room behind.
+        One byte shuffle puts bytes (3k, 3k+1) and (3k+1, 3k+2) into 16-bit lanes; even lanes keep their
+        low 12 bits, odd lanes their high 12 (vpshufb + vpblendw on AVX2)."""
+        if not (isinstance(packed, types.Array) and packed.dtype == types.uint8 and packed.layout == "C"
+                and isinstance(image, types.Array) and image.layout == "C"
+                and image.dtype in (types.uint16, types.float32)):
+            return None
+        sig = types.void(packed, at, image, to)
+
+        def codegen(context, builder, signature, args):
+            source = context.make_array(signature.args[0])(context, builder, args[0])
+            target = context.make_array(signature.args[2])(context, builder, args[2])
+            i8, i32 = ir.IntType(8), ir.IntType(32)
+            raw = ir.VectorType(i8, 32)
+            lanes = ir.VectorType(_I16, 16)
+            data = builder.load(builder.bitcast(builder.gep(source.data, [args[1]]), raw.as_pointer()), align=1)
+            order = [i for k in range(8) for i in (3 * k, 3 * k + 1, 3 * k + 1, 3 * k + 2)]
+            pairs = builder.shuffle_vector(data, ir.Constant(raw, None), ir.Constant(ir.VectorType(i32, 32), order))
+            words = builder.bitcast(pairs, lanes)
+            low = builder.and_(words, ir.Constant(lanes, [0x0FFF] * 16))
+            high = builder.lshr(words, ir.Constant(lanes, [4] * 16))
+            pixels = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 16), [1, 0] * 8), low, high)
+            if signature.args[2].dtype == types.float32:
+                floats = ir.VectorType(ir.FloatType(), 16)
+                pixels = builder.uitofp(pixels, floats)
+                address = builder.bitcast(builder.gep(target.data, [args[3]]), floats.as_pointer())
+            else:
+                address = builder.bitcast(builder.gep(target.data, [args[3]]), lanes.as_pointer())
+            builder.store(pixels, address, align=2)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @numba.njit(nogil=True, boundscheck=False, cache=True)
-    def unpack_12bit(packed, dest):
-        """Little-endian 12-bit pixels (2 per 3 bytes, row after row) into the uint16 2-D view `dest`
-        (any strides: the Gigafrost rows go to every other image row, flipped for the top quadrants)."""
-        rows, cols = dest.shape
+    def unpack_12bit(packed, image, rows, cols, y0, dy, x0):
+        """A Gigafrost stream's frame, `rows` rows of `cols` 12-bit pixels packed row after row, into the
+        C-ordered `image` (uint16 or float32): its row r goes to image row y0 + dy * r (dy = 2 interleaves
+        the two links, -2 also flips a top quadrant), columns x0 .. x0 + cols - 1."""
+        n = packed.size
         row_bytes = cols * 3 // 2
+        width = image.shape[1]
         for r in range(rows):
-            base = r * row_bytes
-            for p in range(cols // 2):
-                b0 = np.uint16(packed[base + 3 * p])
-                b1 = np.uint16(packed[base + 3 * p + 1])
-                b2 = np.uint16(packed[base + 3 * p + 2])
-                dest[r, 2 * p] = b0 | ((b1 & 0xF) << 8)
-                dest[r, 2 * p + 1] = (b1 >> 4) | (b2 << 4)
+            source = r * row_bytes
+            y = y0 + dy * r
+            target = y * width + x0
+            done = 0
+            while done + 16 <= cols and source + done * 3 // 2 + 32 <= n:
+                _unpack16(packed, source + done * 3 // 2, image, target + done)
+                done += 16
+            for p in range(done // 2, cols // 2):  # the rest of the row (and the frame's last bytes)
+                b0 = np.uint16(packed[source + 3 * p])
+                b1 = np.uint16(packed[source + 3 * p + 1])
+                b2 = np.uint16(packed[source + 3 * p + 2])
+                image[y, x0 + 2 * p] = b0 | ((b1 & 0xF) << 8)
+                image[y, x0 + 2 * p + 1] = (b1 >> 4) | (b2 << 4)

@@ -108,6 +108,11 @@ class Synchronizer:
         self.restarts_not_followed = 0
         self.forward_jumps = 0
 
+    @property
+    def waiting(self) -> bool:
+        """Whether frames wait for more frames or a timeout (the caller should call expire soon)."""
+        return bool(self.pending or self._next_run)
+
     # --- input ----------------------------------------------------------------------------------------
 
     def add(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:

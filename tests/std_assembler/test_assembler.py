@@ -117,6 +117,8 @@ GEOMETRIES = {
                     module_positions=EIGER_POSITIONS),
     "gigafrost": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=96,
                       image_pixel_width=192),
+    "gigafrost-528x280": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=280,
+                              image_pixel_width=528),  # rows of 264 pixels: not a multiple of 16
 }
 
 
@@ -130,7 +132,8 @@ def test_every_detector_assembles_exactly_the_expected_image(rig, geometry):
     assert [m.user_1 for m in metas] == [0, 1]
     for meta in metas:
         assert meta.status == 0 and meta.user_2 == meta.id
-        expected = gigafrost_expected(r.config, meta.id) if geometry == "gigafrost" else raw_image(r.config, meta.id)
+        expected = gigafrost_expected(r.config, meta.id) if geometry.startswith("gigafrost") else \
+            raw_image(r.config, meta.id)
         image = r.image(meta)
         assert image.dtype == expected.dtype
         assert np.array_equal(image, expected), f"{np.count_nonzero(image != expected)} pixels differ"
@@ -305,6 +308,17 @@ def test_corrections_leave_a_missing_module_and_the_gaps_at_zero(rig, tmp_path):
     assert np.array_equal(image[:512, :1024], module_0)
     image[:512, :1024] = 0
     assert not image.any(), "the missing module's area or a gap is not zero"
+
+
+def test_a_corrected_gigafrost_image_is_unpacked_straight_to_float(rig, tmp_path):
+    background = np.random.default_rng(3).uniform(0, 100, (96, 192)).astype(np.float32)
+    with h5py.File(tmp_path / "bg.h5", "w") as f:
+        f["background"] = background
+    r = rig(**GEOMETRIES["gigafrost"], background_file=str(tmp_path / "bg.h5"))
+    r.send_image(12)
+    (meta,) = r.run(1)
+    assert meta.dtype == 14
+    assert np.array_equal(r.image(meta), gigafrost_expected(r.config, 12).astype(np.float32) - background)
 
 
 def test_missing_module_lost_packets_and_mismatch_give_their_status(rig):
