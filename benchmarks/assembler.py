@@ -14,9 +14,10 @@ scattered at random (clustered hits, as in real data, only make it faster), and 
 The `worstcase` line converts the simulator's pattern instead, whose gain bits cycle G0/G1/G2/invalid
 (44 % non-G0 pixels): a bound, not an operating point.
 
-Workers. "N workers" are N numba threads converting one frame's rows in parallel inside the one
-assembler process (nogil kernels, `assembler.conversion_threads` = N); everything else stays on the
-assembler's thread. "1 worker" is the one-core figure.
+Workers. "N workers" are N numba threads inside the one assembler process (nogil kernels,
+`assembler.conversion_threads` = N): Jungfrau conversion splits an image's rows among them, Gigafrost
+unpacking its 8 streams; everything else stays on the assembler's thread. "1 worker" is the one-core
+figure. On this 2-core machine a 2-worker figure is only meaningful while nothing else runs.
 
     python benchmarks/assembler.py                  # every configuration, about 45 s
     python benchmarks/assembler.py --long           # 4 s per throughput figure, 400 latency samples
@@ -94,6 +95,8 @@ def configs(calibration_dir: str) -> dict[str, tuple[dict, str]]:
     cal1, cal8 = calibration_file(calibration_dir, 1), calibration_file(calibration_dir, 8)
     eiger_positions = {"0": [0, 0, 513, 255], "1": [516, 0, 1029, 255], "2": [0, 513, 513, 258],
                        "3": [516, 513, 1029, 258]}
+    gigafrost = {"detector_type": "gigafrost", "n_modules": 8, "bit_depth": 12, "image_pixel_height": 2016,
+                 "image_pixel_width": 2016}
     return {
         "jungfrau-1m-raw": (jungfrau(1), "pattern"),
         "jungfrau-1m-converted": (jungfrau(1, True, cal1), "realistic"),
@@ -104,8 +107,8 @@ def configs(calibration_dir: str) -> dict[str, tuple[dict, str]]:
         "jungfrau-4m-converted-2workers": (jungfrau(8, True, cal8, 2), "realistic"),
         "eiger-500k-16bit": ({"detector_type": "eiger", "n_modules": 4, "bit_depth": 16, "image_pixel_height": 514,
                               "image_pixel_width": 1030, "module_positions": eiger_positions}, "pattern"),
-        "gigafrost-2016x2016": ({"detector_type": "gigafrost", "n_modules": 8, "bit_depth": 12,
-                                 "image_pixel_height": 2016, "image_pixel_width": 2016}, "pattern"),
+        "gigafrost-2016x2016": (gigafrost, "pattern"),
+        "gigafrost-2016x2016-2workers": ({**gigafrost, "assembler": {"conversion_threads": 2}}, "pattern"),
     }
 
 

@@ -57,7 +57,7 @@ class Assembler:
     def __init__(self, config: DetectorConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self.settings = AssemblerSettings(config)
-        self.placer = Placer(config)
+        self.placer = Placer(config, self.settings.conversion_threads)
         self.converter = None
         if config.detector_type == "jungfrau" and config.conversion == "converted":
             self.converter = JungfrauConverter(config, self.settings.conversion_threads)
@@ -72,6 +72,8 @@ class Assembler:
         self._image_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
         self._stack_cache: dict[int, np.ndarray] = {}
         self._stacked_conversion = self.converter is not None and self.placer.stacked
+        self._whole_slots = self._stacked_conversion or (self.placer.places_whole_slots and
+                                                         np.dtype(self.dtype) in (np.uint16, np.float32))
         self.frames = FrameBuffer.for_config(config)
         self.images = ImageBuffer.for_config(config)
         if self.corrections.active:
@@ -105,6 +107,8 @@ class Assembler:
         scratch = np.zeros(self.shape, self.dtype)
         stream = self.config.stream
         frame = self.placer.frame_pixels(np.zeros(stream.frame_bytes, np.uint8))
+        if self._whole_slots and self.converter is None:
+            self.placer.place_slot(scratch, np.zeros(self.n_modules * stream.frame_bytes, np.uint8))
         if self._stacked_conversion:
             self.converter.convert_stack(np.zeros((self.n_modules * stream.frame_height, stream.frame_width),
                                                   stream.pixel_dtype), scratch)
@@ -173,9 +177,12 @@ class Assembler:
         frame_ids, frame_pixels = self._frame_views(slot)
         placer, converter = self.placer, self.converter
         lost_packets = False
-        whole = self._stacked_conversion and not missing and bool((frame_ids == image_id).all())
-        if whole:  # every frame there and the image is their plain stack: one kernel call for all
-            c.nan_pixels += converter.convert_stack(self._frame_stack(slot), image)
+        whole = self._whole_slots and not missing and bool((frame_ids == image_id).all())
+        if whole:  # every frame is there: one compiled call for the whole image
+            if converter is not None:  # the image is the plain stack of the frames
+                c.nan_pixels += converter.convert_stack(self._frame_stack(slot), image)
+            else:
+                placer.place_slot(image, self.frames.slot_data(slot))
         for m in range(self.n_modules):
             frame = ready.frames.get(m)
             if frame is None:

@@ -65,13 +65,18 @@ def default_positions(config: DetectorConfig) -> tuple[ModulePosition, ...]:
 
 
 class Placer:
-    def __init__(self, config: DetectorConfig) -> None:
+    def __init__(self, config: DetectorConfig, threads: int = 1) -> None:
         self.config = config
         self.stream = config.stream
         self.kind = config.detector_type
         self.shape = config.image_shape
         if self.kind == GIGAFROST:
             self.positions = ()
+            places = np.array([self._gigafrost_place(m) for m in range(config.n_modules)], np.int64)
+            self._y0, self._dy, self._x0 = (np.ascontiguousarray(places[:, k]) for k in range(3))
+            self._unpack_all = None
+            if kernels.AVAILABLE:
+                self._unpack_all = kernels.unpack_streams_parallel if threads > 1 else kernels.unpack_streams_serial
             return
         self.positions = config.module_positions or default_positions(config)
         width = self.stream.frame_width
@@ -134,6 +139,17 @@ class Placer:
                 dest[:, start:start + EIGER_CHIP] = pixels[:, chip * EIGER_CHIP:(chip + 1) * EIGER_CHIP]
         else:
             dest[...] = pixels
+
+    @property
+    def places_whole_slots(self) -> bool:
+        """Whether `place_slot` can place all modules of a slot in one call (Gigafrost, compiled)."""
+        return self.kind == GIGAFROST and self._unpack_all is not None
+
+    def place_slot(self, image: np.ndarray, slot: np.ndarray) -> None:
+        """Place every module of a FrameBuffer slot (all frames back to back, uint8) into the C-ordered
+        `image` (uint16 or float32) with one compiled call (Gigafrost; `places_whole_slots`)."""
+        self._unpack_all(slot, self.stream.frame_bytes, image, self.stream.frame_height, self.stream.frame_width,
+                         self._y0, self._dy, self._x0)
 
     def zero(self, image: np.ndarray, module: int) -> None:
         self.target(image, module)[...] = 0

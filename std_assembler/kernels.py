@@ -234,3 +234,20 @@ if AVAILABLE:
                 b2 = np.uint16(packed[source + 3 * p + 2])
                 image[y, x0 + 2 * p] = b0 | ((b1 & 0xF) << 8)
                 image[y, x0 + 2 * p + 1] = (b1 >> 4) | (b2 << 4)
+
+    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    def _unpack_streams(slot, frame_bytes, image, rows, cols, y0, dy, x0, first, last):
+        for m in range(first, last):
+            unpack_12bit(slot[m * frame_bytes:(m + 1) * frame_bytes], image, rows, cols, y0[m], dy[m], x0[m])
+
+    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    def unpack_streams_serial(slot, frame_bytes, image, rows, cols, y0, dy, x0):
+        """Every stream of a FrameBuffer slot (the frames back to back, `frame_bytes` each) into `image`;
+        stream m's rows go to image rows y0[m] + dy[m] * r from column x0[m] (see `unpack_12bit`)."""
+        _unpack_streams(slot, frame_bytes, image, rows, cols, y0, dy, x0, 0, y0.size)
+
+    @numba.njit(nogil=True, boundscheck=False, cache=True, parallel=True)
+    def unpack_streams_parallel(slot, frame_bytes, image, rows, cols, y0, dy, x0):
+        """The same, the streams shared among numba's worker threads."""
+        for m in numba.prange(y0.size):
+            _unpack_streams(slot, frame_bytes, image, rows, cols, y0, dy, x0, m, m + 1)

@@ -117,6 +117,8 @@ GEOMETRIES = {
                     module_positions=EIGER_POSITIONS),
     "gigafrost": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=96,
                       image_pixel_width=192),
+    "gigafrost-2workers": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=96,
+                               image_pixel_width=192, assembler={"conversion_threads": 2}),
     "gigafrost-528x280": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=280,
                               image_pixel_width=528),  # rows of 264 pixels: not a multiple of 16
 }
@@ -308,6 +310,16 @@ def test_corrections_leave_a_missing_module_and_the_gaps_at_zero(rig, tmp_path):
     assert np.array_equal(image[:512, :1024], module_0)
     image[:512, :1024] = 0
     assert not image.any(), "the missing module's area or a gap is not zero"
+
+
+def test_a_gigafrost_image_without_one_stream_has_only_those_rows_zero(rig):
+    r = rig(**GEOMETRIES["gigafrost"], assembler={"sync_timeout_s": 0.1})
+    r.send_image(8, modules=[m for m in range(8) if m != 5])  # quadrant 2 (SW), link 1: its odd rows
+    (meta,) = r.run(1)
+    assert meta.status == 3
+    expected = gigafrost_expected(r.config, 8)
+    expected[48 + 1::2, :96] = 0
+    assert np.array_equal(r.image(meta), expected)
 
 
 def test_a_corrected_gigafrost_image_is_unpacked_straight_to_float(rig, tmp_path):
