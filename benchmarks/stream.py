@@ -1,12 +1,21 @@
-"""Replication throughput: std_stream_send -> ZMQ TCP loopback -> std_stream_recv -> replica ImageBuffer.
+"""Replication throughput: std_stream_send -> ZMQ TCP loopback -> std_stream_recv -> replica ImageBuffer,
+against bare ZMQ moving the same bytes, for 1 MiB and 4 MiB uint16 images:
+
+    flock /tmp/std-daq-heavy.lock python benchmarks/stream.py [--rounds 5] [--round-seconds 1] [--window 32]
 
 Both services run as their own processes (the console scripts). The benchmark plays std_assembler: the
 images sit in a real ImageBuffer, and it publishes their ImageMetadata, keeping at most --window images
-between "published" and "seen on the replica's metadata stream" so nothing is dropped. In the same run
-it measures bare ZMQ: a PUSH sending the same bytes zero-copy to a PULL in another process that receives
-them into one buffer, and prints the ratio. For 1 MiB and 4 MiB uint16 images:
+between "published" and "seen on the replica's metadata stream", so nothing is dropped.
 
-    python benchmarks/stream.py [--seconds 5] [--window 32]
+Bare ZMQ, in the same run: a PUSH in this process sends zero-copy to a PULL in another process, which
+receives with recv_into. Two variants:
+- "bare zmq": one hot 1-frame buffer received into one buffer, the strictest reference (the ratio that
+  the issue's target is about);
+- "bare zmq same slots": what the services move, minus the services: the header and the image from the
+  source ImageBuffer's slots in turn, received into as many slots as the replica has.
+The machine is shared, so the measurements alternate in short rounds (replication, bare, bare same
+slots, again) and each figure is the median over the rounds. Alongside: CPU time per image of each
+process, and the load other processes put on the machine meanwhile (figures taken under load are noise).
 """
 from __future__ import annotations
 
@@ -14,15 +23,18 @@ import argparse
 import json
 import os
 import socket
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 
 import numpy as np
 import zmq
 
-from core_buffer.config import load_config
+from core_buffer.config import DetectorConfig, load_config
 from core_buffer.formats import ImageMetadata
 from core_buffer.ipc import image_metadata_address, ipc_path, make_socket
 from core_buffer.ringbuffer import ImageBuffer, unlink
@@ -31,17 +43,32 @@ BIN = os.path.dirname(sys.executable)
 SIZES = {"1 MiB": 1, "4 MiB": 4}  # Jungfrau modules of 512x1024 uint16
 SLOTS = 128
 QUEUE = 64  # send and receive queues, in images (above --window, so nothing is dropped)
+BARE_HWM = 16
+START_S = 1.5  # for the services to create their buffers, bind and connect
+TICK = os.sysconf("SC_CLK_TCK")
+ROUND = struct.Struct("<qq")  # bare receiver control message: messages in the round, same-slots flag
 
 BARE_RECEIVER = """
-import sys, time, zmq, numpy as np
-ctx = zmq.Context()
-pull = ctx.socket(zmq.PULL); pull.setsockopt(zmq.RCVHWM, 16); pull.bind(sys.argv[1])
-n, size = int(sys.argv[2]), int(sys.argv[3])
-buf = np.empty(size, np.uint8)
-pull.recv_into(buf); t0 = time.perf_counter()
-for _ in range(n - 1):
-    pull.recv_into(buf)
-print(time.perf_counter() - t0, flush=True)
+import struct, sys, time, zmq, numpy as np
+pull = zmq.Context().socket(zmq.PULL)
+pull.setsockopt(zmq.RCVHWM, int(sys.argv[4]))
+pull.bind(sys.argv[1])
+size, slots = int(sys.argv[2]), int(sys.argv[3])
+one = np.ones(size, np.uint8)
+ring = np.ones((slots, size), np.uint8)  # as large as the replica's ImageBuffer, pages faulted in
+while True:
+    n, same_slots = struct.unpack("<qq", pull.recv())
+    if n == 0:
+        break
+    for i in range(n):
+        if same_slots:
+            pull.recv()
+            pull.recv_into(ring[i % slots])
+        else:
+            pull.recv_into(one)
+        if i == 0:
+            t0 = time.perf_counter()
+    print(time.perf_counter() - t0, flush=True)
 """
 
 
@@ -49,6 +76,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / TICK
+
+
+class CpuMeter:
+    """CPU seconds of named processes over the rounds, and what every other process used meanwhile."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.used: dict[str, float] = defaultdict(float)
+        self.others = self.wall = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._busy, self._t = busy_seconds(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ours = 0.0
+        for name, pid in self.pids.items():
+            used = cpu_seconds(pid) - self._start[name]
+            self.used[name] += used
+            ours += used
+        self.others += busy_seconds() - self._busy - ours
+        self.wall += time.monotonic() - self._t
 
 
 def write_config(workdir: str, name: str, modules: int, **extra) -> str:
@@ -60,95 +124,190 @@ def write_config(workdir: str, name: str, modules: int, **extra) -> str:
     return path
 
 
-def replicate(workdir: str, modules: int, seconds: float, window: int) -> tuple[float, int, int]:
-    """(images/s on the replica, images, images the sender dropped per the replica's sequence)."""
-    name = f"benchs-{modules}-{os.getpid()}"
-    port = free_port()
-    source_path = write_config(workdir, name, modules, stream_send={"to": f"tcp://127.0.0.1:{port}",
-                                                                    "queue_images": QUEUE})
-    replica_path = write_config(workdir, name, modules, namespace="bench-replica",
-                                stream_recv={"bind": f"tcp://127.0.0.1:{port}", "queue_images": QUEUE})
-    source, replica = load_config(source_path), load_config(replica_path)
-    images = ImageBuffer.for_config(source)
-    rng = np.random.default_rng(0)
-    for slot in range(SLOTS):
-        images.slot_data(slot)[:] = rng.integers(0, 255, images.slot_data(slot).size, dtype=np.uint8)
-    ctx = zmq.Context.instance()
-    pub = make_socket(ctx, zmq.PUB, hwm=100000)
-    pub.bind(image_metadata_address(source))
-    procs = [subprocess.Popen([os.path.join(BIN, script), path, "--log-level", "WARNING"],
-                              stdout=subprocess.DEVNULL)
-             for script, path in (("std_stream_recv", replica_path), ("std_stream_send", source_path))]
-    seen = make_socket(ctx, zmq.SUB, hwm=100000)
-    try:
-        time.sleep(1.5)  # the replica creates its buffer and binds before we subscribe
-        seen.connect(image_metadata_address(replica))
-        time.sleep(1.0)
-        next_id, received, last_seq_gap = 1, 0, 0
-        shape = source.image_shape
-        start = None
-        deadline = None
-        while deadline is None or time.perf_counter() < deadline:
-            while next_id - 1 - received < window:
-                meta = ImageMetadata(next_id, *shape, user_1=next_id)
-                images.commit_image(meta)
-                pub.send(meta.encode())
-                next_id += 1
-            if seen.poll(2000):
-                got = ImageMetadata.decode(seen.recv())
-                received += 1
-                last_seq_gap = next_id - 1 - received
-                if received == window and start is None:  # warmed up
-                    start, start_count = time.perf_counter(), received
-                    deadline = start + seconds
-            else:
-                raise RuntimeError(f"the replica stopped receiving after {received} images (last {got.id})")
-        elapsed = time.perf_counter() - start
-        return (received - start_count) / elapsed, received, last_seq_gap
-    finally:
-        for p in procs:
+class Replication:
+    """The two services between two ImageBuffers, and this process as their std_assembler."""
+
+    def __init__(self, workdir: str, modules: int, window: int) -> None:
+        name = f"benchs-{modules}-{os.getpid()}"
+        port = free_port()
+        source_path = write_config(workdir, name, modules, stream_send={"to": f"tcp://127.0.0.1:{port}",
+                                                                        "queue_images": QUEUE})
+        replica_path = write_config(workdir, name, modules, namespace="bench-replica",
+                                    stream_recv={"bind": f"tcp://127.0.0.1:{port}", "queue_images": QUEUE})
+        self.configs = (load_config(source_path), load_config(replica_path))
+        self.window = window
+        self.images = ImageBuffer.for_config(self.configs[0])
+        first = self.images.slot_data(0)
+        first[:] = np.random.default_rng(0).integers(0, 255, first.size, dtype=np.uint8)
+        for slot in range(1, SLOTS):
+            self.images.slot_data(slot)[:] = np.roll(first, slot)  # different bytes, made quickly
+        ctx = zmq.Context.instance()
+        self.pub = make_socket(ctx, zmq.PUB, hwm=100000)
+        self.pub.bind(image_metadata_address(self.configs[0]))
+        self.procs = {script: subprocess.Popen([os.path.join(BIN, script), path, "--log-level", "WARNING"],
+                                               stdout=subprocess.DEVNULL)
+                      for script, path in (("std_stream_recv", replica_path), ("std_stream_send", source_path))}
+        self.seen = make_socket(ctx, zmq.SUB, hwm=100000)
+        time.sleep(START_S)  # the replica creates its buffer and binds before we subscribe
+        self.seen.connect(image_metadata_address(self.configs[1]))
+        time.sleep(0.5)
+        self.next_id = 1
+        self.n_seen = 0
+        self.last_seen_id = 0
+
+    def _publish(self) -> None:
+        """Fill the window again once a quarter of it is free: in bursts, as a detector's images come in
+        bursts to a busy machine, rather than waking every process for every image."""
+        if self.next_id - 1 - self.last_seen_id > self.window * 3 // 4:
+            return
+        shape = self.configs[0].image_shape
+        while self.next_id - 1 - self.last_seen_id < self.window:
+            meta = ImageMetadata(self.next_id, *shape, user_1=self.next_id)
+            self.images.commit_image(meta)
+            self.pub.send(meta.encode())
+            self.next_id += 1
+
+    def _receive(self) -> int:
+        """Take what the replica has published; the number of images."""
+        if not self.seen.poll(5000):
+            raise RuntimeError(f"the replica stopped publishing after image {self.last_seen_id}")
+        n = 0
+        while True:
+            try:
+                message = self.seen.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.last_seen_id = ImageMetadata.STRUCT.unpack(message)[1]  # any image lost counts as done
+            n += 1
+        self.n_seen += n
+        return n
+
+    def round(self, seconds: float) -> float:
+        """Images per second on the replica, from the first image seen to the last."""
+        self._publish()
+        self._receive()
+        t_first, n = time.perf_counter(), 0
+        t_last = t_first
+        while t_last - t_first < seconds:
+            self._publish()
+            n += self._receive()
+            t_last = time.perf_counter()
+        while self.last_seen_id < self.next_id - 1:  # drain, so that the bare rounds have the machine
+            self._receive()
+        return n / (t_last - t_first)
+
+    @property
+    def lost(self) -> int:
+        return self.last_seen_id - self.n_seen
+
+    def close(self) -> None:
+        for p in self.procs.values():
             p.terminate()
+        for p in self.procs.values():
             p.wait(10)
-        seen.close()
-        pub.close()
-        images.close()
-        for cfg in (source, replica):
+        self.seen.close()
+        self.pub.close()
+        self.images.close()
+        for cfg in self.configs:
             unlink(f"{cfg.namespace}-{cfg.detector_name}-images")
             path = ipc_path(image_metadata_address(cfg))
             if path and os.path.exists(path):
                 os.unlink(path)
 
 
-def bare_zmq(nbytes: int, n: int) -> float:
-    """Messages/s of bare zero-copy PUSH -> PULL over TCP loopback, in two processes."""
-    address = f"tcp://127.0.0.1:{free_port()}"
-    receiver = subprocess.Popen([sys.executable, "-c", BARE_RECEIVER, address, str(n), str(nbytes)],
-                                stdout=subprocess.PIPE, text=True)
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 16)
-    push.setsockopt(zmq.LINGER, 5000)
-    push.connect(address)
-    payload = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-    for _ in range(n):
-        push.send(payload, copy=False)
-    out, _ = receiver.communicate(timeout=120)
-    push.close()
-    return (n - 1) / float(out)
+class BareZmq:
+    """PUSH here, PULL with recv_into in another process, over TCP loopback."""
+
+    def __init__(self, source: ImageBuffer, config: DetectorConfig) -> None:
+        self.source, self.nbytes = source, config.image_bytes
+        address = f"tcp://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([sys.executable, "-c", BARE_RECEIVER, address, str(self.nbytes), str(SLOTS),
+                                      str(BARE_HWM)], stdout=subprocess.PIPE, text=True)
+        self.push = zmq.Context.instance().socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, BARE_HWM)
+        self.push.setsockopt(zmq.LINGER, 5000)
+        self.push.connect(address)
+        self.one = np.random.default_rng(0).integers(0, 255, self.nbytes, dtype=np.uint8)
+        self.header = ImageMetadata(1, *config.image_shape).encode()
+
+    def round(self, n: int, same_slots: bool) -> float:
+        """Messages per second, from the first one received to the last."""
+        self.push.send(ROUND.pack(n, same_slots))
+        for i in range(n):
+            if same_slots:
+                self.push.send(self.header, zmq.SNDMORE)
+                self.push.send(self.source.slot_data(i % SLOTS)[:self.nbytes], copy=False)
+            else:
+                self.push.send(self.one, copy=False)
+        return (n - 1) / float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.push.send(ROUND.pack(0, 0))
+        self.proc.wait(10)
+        self.push.close()
+
+
+def measure(workdir: str, label: str, modules: int, args: argparse.Namespace) -> None:
+    nbytes = modules * 512 * 1024 * 2
+    replication = Replication(workdir, modules, args.window)
+    bare = None
+    try:
+        bare = BareZmq(replication.images, replication.configs[0])
+        replication.round(0.3)  # warm up: connections, first touches
+        estimate = bare.round(200, False)
+        rates: dict[str, list[float]] = defaultdict(list)
+        pids = {"std_stream_send": replication.procs["std_stream_send"].pid,
+                "std_stream_recv": replication.procs["std_stream_recv"].pid,
+                "this process": os.getpid(), "bare receiver": bare.proc.pid}
+        meters = {"replication": CpuMeter(pids), "bare": CpuMeter(pids), "bare same slots": CpuMeter(pids)}
+        counts: dict[str, int] = defaultdict(int)  # images or messages moved while the meters ran
+        for _ in range(args.rounds):
+            with meters["replication"]:
+                before = replication.n_seen
+                rates["replication"].append(replication.round(args.round_seconds))
+            counts["replication"] += replication.n_seen - before
+            for kind, same_slots in (("bare", False), ("bare same slots", True)):
+                n = max(100, int(estimate * args.round_seconds))
+                with meters[kind]:
+                    rate = bare.round(n, same_slots)
+                rates[kind].append(rate)
+                counts[kind] += n
+                estimate = rate
+    finally:
+        if bare is not None:
+            bare.close()
+        replication.close()
+
+    median = {kind: statistics.median(values) for kind, values in rates.items()}
+    print(f"replication {label}: {median['replication']:.0f} images/s")
+    print(f"replication {label}: {median['replication'] * nbytes / 1e9:.2f} GB/s")
+    print(f"bare zmq {label}: {median['bare']:.0f} messages/s")
+    print(f"bare zmq {label}: {median['bare'] * nbytes / 1e9:.2f} GB/s")
+    print(f"ratio replication/bare {label}: {median['replication'] / median['bare']:.2f}")
+    print(f"bare zmq same slots {label}: {median['bare same slots']:.0f} messages/s")
+    print(f"ratio replication/bare same slots {label}: {median['replication'] / median['bare same slots']:.2f}")
+    print(f"images lost on the way {label}: {replication.lost} images")
+    roles = {"replication": ("std_stream_send", "std_stream_recv", "this process"),
+             "bare": ("this process", "bare receiver")}
+    for kind, names in roles.items():
+        for name in names:
+            role = "std_assembler stand-in" if kind == "replication" and name == "this process" else name
+            role = "bare sender" if role == "this process" else role
+            print(f"cpu per image {kind} {label} {role}: {meters[kind].used[name] / counts[kind] * 1e6:.0f} us")
+    others = sum(m.others for m in meters.values()) / sum(m.wall for m in meters.values())
+    print(f"other processes' load during {label}: {others * 100:.0f} % of one core")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per image size")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per measurement (the median is printed)")
+    parser.add_argument("--round-seconds", type=float, default=1.0, help="seconds per round")
     parser.add_argument("--window", type=int, default=32, help="images in flight at most")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        for label, modules in SIZES.items():
-            nbytes = modules * 512 * 1024 * 2
-            rate, n, gaps = replicate(workdir, modules, args.seconds, args.window)
-            bare = bare_zmq(nbytes, max(200, int(rate * 3)))
-            print(f"replication {label}: {rate:.0f} images/s ({rate * nbytes / 1e9:.2f} GB/s), {n} images")
-            print(f"bare zmq {label}: {bare:.0f} messages/s ({bare * nbytes / 1e9:.2f} GB/s)")
-            print(f"ratio replication/bare {label}: {rate / bare:.2f}")
+        for label in args.sizes.split(","):
+            measure(workdir, label.strip(), SIZES[label.strip()], args)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def build(config):
-        from std_stream_recv.receiver import ReceiverSettings, StreamReceiver
+        from std_stream_recv.receiver import ReceiverSettings, StreamReceiver, keep_message_buffers
 
+        keep_message_buffers()
         return StreamReceiver(config, ReceiverSettings(config, args.bind))
 
     return run_daemon("std_stream_recv", args, build)

@@ -1,20 +1,29 @@
 """std_stream_recv: a replica of the ImageBuffer on another server, fed by std_stream_send over ZMQ TCP.
 
 PULL (bound on a configured interface) -> each image received straight into the slot of its id in this
-server's ImageBuffer (ZMQ's one copy, no other) -> its ImageMetadata PUBlished on the same address
-std_assembler would use, with this process's own consecutive sequence in user_1. So writer_agent and
-std_h5_writer on the replica work unchanged. The source's sequence numbers that never arrived (dropped by
-a slow link, or missed by the sender) are counted as `sequence_gaps`.
+server's ImageBuffer (ZMQ's one copy, no other), the slot marked invalid meanwhile -> once the sender's
+verdict says the source slot still held the image after its bytes left, the slot is committed and its
+ImageMetadata PUBlished on the same address std_assembler would use. So writer_agent and std_h5_writer on
+the replica work unchanged.
 
-A message that is not an image of this detector's shape and type is counted and dropped.
+Sequence numbers (user_1): this process publishes its own sequence, and advances it by as much as the
+source's advanced. An image the replica does not publish (never arrived, torn at the source, malformed)
+is therefore a gap downstream, exactly as if the consumer had missed it on the detector server
+(DESIGN.md §4: every consumer can tell how many messages it missed). Each lost image is counted once, by
+what happened to it: `sequence_gaps` (never arrived: dropped by the sender or missed by it),
+`torn_images` (overwritten at the source while it was sent), `bad_messages` (not an image of this
+detector), `unconfirmed_images` (its verdict never came: the sender restarted, or its slot was needed
+again first). A source whose sequence goes backwards restarted: counted in `source_restarts`, and the
+published sequence just goes on.
 """
 from __future__ import annotations
 
-import dataclasses
+import ctypes
+import ctypes.util
 import logging
+import struct
 from typing import Mapping
 
-import numpy as np
 import zmq
 
 from core_buffer.config import DetectorConfig
@@ -27,7 +36,26 @@ from core_buffer.service import Counters
 log = logging.getLogger("std_stream_recv")
 
 PUB_HWM = 100000
-IMAGE_OK, IMAGE_TORN = b"\x01", b"\x00"  # last frame of a message from std_stream_send
+# std_stream_send's verdict message (docs/std_stream.md): image id u64, then 1 intact / 0 torn.
+VERDICT = struct.Struct("<QB")
+INTACT, TORN = 1, 0
+ENCODINGS = frozenset(int(e) for e in Encoding)
+
+
+def keep_message_buffers() -> None:
+    """Let glibc keep the memory of freed large ZMQ messages instead of returning it to the kernel.
+
+    ZMQ's I/O thread allocates a fresh buffer for every image it receives and we free it after copying
+    the image into its slot. With glibc's defaults a buffer of a MiB or more goes back to the kernel on
+    free, so each image paid for faulting in fresh zeroed pages: 30 % of the I/O thread's time in
+    the profile. Process-wide, so called by the daemon, not by the class."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum: below it, allocations come from the heap
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        log.info("not glibc: freed message buffers go back to the kernel")
 
 
 class ReceiverSettings:
@@ -51,15 +79,20 @@ class StreamReceiver:
         self.config, self.settings = config, settings
         context = context or zmq.Context.instance()
         self.images = ImageBuffer.for_config(config)
-        self.pull = make_socket(context, zmq.PULL, hwm=settings.queue_images)
+        self.pull = make_socket(context, zmq.PULL, hwm=2 * settings.queue_images)  # an image, then its verdict
         self.pull.bind(settings.bind)
         self.pub = make_socket(context, zmq.PUB, hwm=PUB_HWM)
         self.pub.bind(image_metadata_address(config))
-        self.dtype_code = Dtype.from_numpy(config.image_dtype)
-        self.sequence = 0
+        # version, height, width, dtype of every image this replica accepts
+        self.expected_header = (ImageMetadata.VERSION, *config.image_shape, Dtype.from_numpy(config.image_dtype))
+        self.image_bytes = config.image_bytes  # a property that computes: not for every image
+        self.sequence = 0  # the last sequence number given out (published, or skipped for a lost image)
         self.last_source_sequence: int | None = None
-        self.counters = Counters("images", "bytes", "sequence_gaps", "bad_messages", "source_restarts", "torn_images",
-                                 "last_image_id", "sequence")
+        # Images received into their slot and waiting for their verdict, by slot: (id, ImageMetadata as
+        # published, bytes).
+        self.unconfirmed: dict[int, tuple[int, ImageMetadata, int]] = {}
+        self.counters = Counters("images", "bytes", "sequence_gaps", "torn_images", "bad_messages",
+                                 "unconfirmed_images", "source_restarts", "last_image_id", "sequence")
         log.info("replica of %s %s images: from %s into %s", config.image_dtype, config.image_shape,
                  settings.bind, image_metadata_address(config))
 
@@ -71,7 +104,11 @@ class StreamReceiver:
                 head = self.pull.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_message(head)
+            more = self.pull.getsockopt(zmq.RCVMORE)
+            if len(head) == VERDICT.size and not more:
+                self._on_verdict(head)
+            else:
+                self._on_image(head, more)
 
     def _drop(self, why: str) -> None:
         self.counters.bad_messages += 1
@@ -80,52 +117,91 @@ class StreamReceiver:
         while self.pull.getsockopt(zmq.RCVMORE):
             self.pull.recv()
 
-    def _on_message(self, head: bytes) -> None:
+    def _next_sequence(self, source_sequence: int) -> int:
+        """Our sequence number for the image with the source's `source_sequence`: ours advances as the
+        source's did, so what never arrived is a gap downstream too (and counted here, once)."""
+        c = self.counters
+        last, step = self.last_source_sequence, 1
+        if last is not None and source_sequence > last:
+            step = source_sequence - last
+            c.sequence_gaps += step - 1
+        elif last is not None:
+            c.source_restarts += 1  # the source restarted its sequence: what it lost is unknowable
+        self.last_source_sequence = source_sequence
+        self.sequence += step
+        c.sequence = self.sequence
+        return self.sequence
+
+    def _on_image(self, head: bytes, more: int) -> None:
+        # The header straight from the struct, compared with what this replica holds: ImageMetadata.decode
+        # (with its checks and error messages) runs only for what fails that comparison.
+        try:
+            (version, image_id, height, width, dtype, encoding, source_id, status, source_sequence,
+             user_2) = ImageMetadata.STRUCT.unpack(head)
+        except struct.error:
+            self._drop(f"a message of {len(head)} bytes is neither an image header nor a verdict")
+            return
+        if (version, height, width, dtype) != self.expected_header or encoding not in ENCODINGS:
+            self._on_foreign_image(head, more)
+            return
+        # From here on the message has the source's sequence number: it is accounted for by the sequence
+        # whatever becomes of it, and counted below only under why it was lost.
+        sequence = self._next_sequence(source_sequence)
+        if not more:
+            self._drop(f"image {image_id}: metadata without image bytes")
+            return
+        expected = user_2 if encoding == Encoding.BITSHUFFLE_LZ4 else self.image_bytes
+        slot = self.images.slot_of(image_id)
+        if slot in self.unconfirmed:
+            del self.unconfirmed[slot]  # its verdict never came, and now its slot is needed
+            self.counters.unconfirmed_images += 1
+        data = self.images.begin_image(image_id)
+        n = self.pull.recv_into(data)
+        if n != expected or n > data.nbytes or self.pull.getsockopt(zmq.RCVMORE):
+            self._drop(f"image {image_id}: {n} bytes, expected {expected}")
+            return  # the slot stays marked invalid: nobody reads it as image image_id
+        self.unconfirmed[slot] = (image_id, ImageMetadata(image_id, height, width, dtype, encoding, source_id, status,
+                                                          sequence, user_2, version), n)
+
+    def _on_foreign_image(self, head: bytes, more: int) -> None:
+        """A message that is not an image header of this replica's shape and type: dropped and counted
+        (still with its sequence number accounted for, if it has one)."""
         try:
             meta = ImageMetadata.decode(head)
         except FormatError as exc:
             self._drop(str(exc))
             return
-        if not self.pull.getsockopt(zmq.RCVMORE):
-            self._drop(f"image {meta.id}: metadata without image bytes")
+        self._next_sequence(meta.user_1)
+        self._drop(f"image {meta.id} is {meta.numpy_dtype} {meta.shape}; this replica holds "
+                   f"{self.config.image_dtype} {self.config.image_shape}")
+
+    def _on_verdict(self, message: bytes) -> None:
+        image_id, verdict = VERDICT.unpack(message)
+        if verdict not in (INTACT, TORN):
+            self._drop(f"image {image_id}: bad verdict {verdict}")
             return
-        if meta.shape != self.config.image_shape or meta.dtype != self.dtype_code:
-            self._drop(f"image {meta.id} is {meta.numpy_dtype} {meta.shape}; this replica holds "
-                       f"{self.config.image_dtype} {self.config.image_shape}")
-            return
-        expected = meta.user_2 if meta.encoding == Encoding.BITSHUFFLE_LZ4 else meta.nbytes
-        slot = self.images.begin_image(meta.id)
-        n = self.pull.recv_into(slot)
-        if n != expected or n > slot.nbytes or not self.pull.getsockopt(zmq.RCVMORE):
-            self._drop(f"image {meta.id}: {n} bytes, expected {expected}")
-            return  # the slot stays marked invalid: nobody reads it as image meta.id
-        check = self.pull.recv()
-        if check != IMAGE_OK or self.pull.getsockopt(zmq.RCVMORE):
-            if check == IMAGE_TORN:
-                self.counters.torn_images += 1  # the source slot was overwritten while being sent
-                return
-            self._drop(f"image {meta.id}: bad last frame {check[:8]!r}")
-            return
+        slot = self.images.slot_of(image_id)
+        waiting = self.unconfirmed.get(slot)
+        if waiting is None or waiting[0] != image_id:
+            return  # an image we never got (dropped on the way, or bad): counted as such
+        del self.unconfirmed[slot]
+        _, meta, n = waiting
         c = self.counters
-        last = self.last_source_sequence
-        if last is not None and meta.user_1 > last + 1:
-            c.sequence_gaps += meta.user_1 - last - 1
-        elif last is not None and meta.user_1 <= last:
-            c.source_restarts += 1  # the source restarted its sequence
-        self.last_source_sequence = meta.user_1
-        self.sequence += 1
-        published = dataclasses.replace(meta, user_1=self.sequence)
-        self.images.commit_image(published)
-        self.pub.send(published.encode())
+        if verdict == TORN:
+            c.torn_images += 1  # the source slot was overwritten while being sent: its slot stays invalid
+            return
+        self.images.commit_image(meta)
+        self.pub.send(meta.encode())
         c.images += 1
         c.bytes += n
-        c.last_image_id = meta.id
-        c.sequence = self.sequence
+        c.last_image_id = image_id
 
     def stop(self) -> None:
         pass
 
     def close(self) -> None:
+        self.counters.unconfirmed_images += len(self.unconfirmed)
+        self.unconfirmed.clear()
         self.pull.close()
         self.pub.close()
         self.images.close()

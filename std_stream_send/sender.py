@@ -1,11 +1,18 @@
 """std_stream_send: images from the ImageBuffer to a replica over ZMQ TCP, and a rate-reduced live preview.
 
-Replica stream (PUSH, connected to std_stream_recv's bound PULL): per image three frames: the
-ImageMetadata as the source published it (its user_1 is the source's sequence, so the replica counts
-what it never got), the image bytes, copied by ZMQ straight out of the ring-buffer slot, and one byte
-saying whether the slot still held that image after the copy. When the socket's high-water mark
-(`queue_images`) is reached (a slow or absent replica), the image is dropped and counted: the sender
-never waits, so it can never hold back the assembler.
+Replica stream (PUSH, connected to std_stream_recv's bound PULL), two kinds of message (docs/std_stream.md):
+- an image: the ImageMetadata as the source published it (its user_1 is the source's sequence, so the
+  replica counts what it never got) and the image bytes, sent zero-copy straight out of the ring-buffer
+  slot: ZMQ's I/O thread hands them to the kernel from there, nothing copies them before;
+- a verdict, once ZMQ has let go of those bytes (its message tracker says so): the image id and whether
+  the slot still held that image after its bytes went out. The replica publishes an image only after a
+  good verdict, so a slot the assembler overwrote while it was on its way is never taken for the image.
+Why not one message with the verdict as its last frame: a multipart message leaves only once its last
+frame is queued, so that frame cannot wait for its own data to have been read; the old way, copying the
+image into the message first, cost a second full copy per image (about half the time the sender spent).
+
+At most `queue_images` images are waiting to be sent; beyond that (a slow or absent replica) an image is
+dropped and counted: the sender never waits, so it can never hold back the assembler.
 
 Live preview (PUB, bound): an "array-1.0" JSON header and the raw image, for at most `live_rate_hz`
 images per second or every `live_every`-th image. The socket keeps at most one message per viewer, so a
@@ -13,8 +20,10 @@ viewer that joins late gets the next image and a slow one never sees an old queu
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import struct
 import time
 from typing import Mapping
 
@@ -22,8 +31,8 @@ import numpy as np
 import zmq
 
 from core_buffer.config import DetectorConfig
-from core_buffer.errors import ConfigError, FormatError, ImageLostError
-from core_buffer.formats import Encoding, ImageMetadata, ImageStatus
+from core_buffer.errors import ConfigError, ImageLostError
+from core_buffer.formats import Dtype, Encoding, ImageMetadata, ImageStatus
 from core_buffer.ipc import image_metadata_address, make_socket
 from core_buffer.ringbuffer import ImageBuffer
 from core_buffer.service import Counters
@@ -31,8 +40,29 @@ from core_buffer.service import Counters
 log = logging.getLogger("std_stream_send")
 
 SUB_HWM = 100000
-LIVE_HWM = 2
-IMAGE_OK, IMAGE_TORN = b"\x01", b"\x00"  # last frame of a replica message  # header + image of one preview image
+LIVE_HWM = 2  # header + image of one preview image
+# The replica socket's high-water mark is the image queue plus room for verdicts: a verdict is queued only
+# for an image that has left the queue, so verdicts need room only while the kernel buffers are full.
+VERDICT_ROOM = 4096
+# While images are on their way, look at their trackers at least this often (the replica publishes an
+# image only after its verdict, so this bounds the added latency).
+TRACKER_POLL_S = 0.001
+STOP_WAIT_S = 1.0  # on stop, how long images on their way may take to leave and get their verdict
+ITEMSIZE = {int(code): code.numpy.itemsize for code in Dtype}
+ENCODINGS = frozenset(int(e) for e in Encoding)
+
+
+class Verdict:
+    """Replica message 2 (9 B): image id u64, then 1 if the slot still held the image after its bytes
+    were sent, 0 if it was overwritten meanwhile."""
+
+    STRUCT = struct.Struct("<QB")
+    SIZE = STRUCT.size
+    INTACT, TORN = 1, 0
+
+    @classmethod
+    def encode(cls, image_id: int, intact: bool) -> bytes:
+        return cls.STRUCT.pack(image_id, cls.INTACT if intact else cls.TORN)
 
 
 class SenderSettings:
@@ -79,12 +109,16 @@ class StreamSender:
         self.config, self.settings = config, settings
         context = context or zmq.Context.instance()
         self.images = ImageBuffer.for_config(config)
+        self.image_bytes = config.image_bytes  # a property that computes: not for every image
         self.sub = make_socket(context, zmq.SUB, hwm=SUB_HWM)
         self.sub.connect(image_metadata_address(config))
         self.data: zmq.Socket | None = None
         if settings.to:
-            self.data = make_socket(context, zmq.PUSH, hwm=settings.queue_images, linger_ms=1000)
+            self.data = make_socket(context, zmq.PUSH, hwm=settings.queue_images + VERDICT_ROOM, linger_ms=1000)
             self.data.connect(settings.to)
+        # Images whose bytes ZMQ may still read from their slot, oldest first: (id, bytes, tracker).
+        self.on_the_way: collections.deque[tuple[int, int, zmq.MessageTracker]] = collections.deque()
+        self.verdicts: collections.deque[bytes] = collections.deque()  # ones the socket had no room for yet
         self.live: zmq.Socket | None = None
         self.live_buffer = np.empty(config.image_bytes, np.uint8)
         if settings.live:
@@ -101,60 +135,86 @@ class StreamSender:
                  f"on {settings.live}" if settings.live else "off")
 
     def poll(self, timeout_s: float) -> None:
-        if not self.sub.poll(timeout_s * 1000):
-            return
-        for _ in range(1000):
-            try:
-                data = self.sub.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                meta = ImageMetadata.decode(data.buffer)
-            except FormatError:
-                self.counters.bad_messages += 1
-                continue
-            self._on_image(meta)
+        if self.on_the_way or self.verdicts:
+            timeout_s = min(timeout_s, TRACKER_POLL_S)
+        if self.sub.poll(timeout_s * 1000):
+            for _ in range(1000):
+                try:
+                    data = self.sub.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_image(data)
+        if self.on_the_way or self.verdicts:
+            self._send_verdicts()
 
-    def _on_image(self, meta: ImageMetadata) -> None:
+    def _on_image(self, encoded: bytes) -> None:
+        # The fields the hot path needs straight from the struct: ImageMetadata.decode costs as much as
+        # everything else the sender does per image; it runs only where the whole message is needed.
         c = self.counters
+        try:
+            (version, image_id, height, width, dtype, encoding, _, _, sequence,
+             user_2) = ImageMetadata.STRUCT.unpack(encoded)
+        except struct.error:
+            c.bad_messages += 1
+            return
+        itemsize = ITEMSIZE.get(dtype)
+        if version != ImageMetadata.VERSION or itemsize is None or encoding not in ENCODINGS:
+            c.bad_messages += 1
+            return
         c.images += 1
-        if self.last_sequence is not None and meta.user_1 > self.last_sequence + 1:
-            c.images_missed += meta.user_1 - self.last_sequence - 1  # our subscription overflowed
-        self.last_sequence = meta.user_1
-        n = meta.user_2 if meta.encoding == Encoding.BITSHUFFLE_LZ4 else meta.nbytes
-        if n > self.config.image_bytes:
+        if self.last_sequence is not None and sequence > self.last_sequence + 1:
+            c.images_missed += sequence - self.last_sequence - 1  # our subscription overflowed
+        self.last_sequence = sequence
+        n = user_2 if encoding == Encoding.BITSHUFFLE_LZ4 else height * width * itemsize
+        if n > self.image_bytes:
             c.bad_messages += 1
             return
         if self.data is not None:
-            self._send_replica(meta, n)
-        if self.live is not None and self._live_due(meta):
-            self._send_live(meta, n)
+            self._send_replica(image_id, n, encoded)
+        if self.live is not None and self._live_due(sequence):
+            self._send_live(ImageMetadata.decode(encoded), n)
 
-    def _send_replica(self, meta: ImageMetadata, n: int) -> None:
-        # ZMQ copies the image out of the slot while queueing the message; the slot's id is checked
-        # before and after that copy, and the last frame says whether the copy is good. A multipart
-        # message leaves only once its last frame is queued, so a torn image is marked before it goes.
+    def _send_replica(self, image_id: int, n: int, encoded: bytes) -> None:
+        if len(self.on_the_way) >= self.settings.queue_images:
+            self._send_verdicts()  # some may have left since the last look
+        if len(self.on_the_way) >= self.settings.queue_images or self.verdicts:
+            self.counters.images_dropped += 1  # a slow replica, or none connected
+            return
+        if not self.images.still_holds(image_id):
+            self.counters.images_lost += 1  # overwritten before we got to it
+            return
         try:
-            self.images.read_meta(meta.id)
-            self.data.send(meta.encode(), zmq.NOBLOCK | zmq.SNDMORE)
-        except ImageLostError:
-            self.counters.images_lost += 1
-            return
+            self.data.send(encoded, zmq.NOBLOCK | zmq.SNDMORE)
         except zmq.Again:
-            self.counters.images_dropped += 1  # high-water mark reached (a slow replica), or none connected
+            self.counters.images_dropped += 1  # the high-water mark: no replica has connected yet
             return
-        self.data.send(self.images.raw_bytes(meta.id, n), zmq.SNDMORE, copy=True)
-        if self.images.still_holds(meta.id):
-            self.data.send(IMAGE_OK)
-            self.counters.images_sent += 1
-            self.counters.bytes_sent += n
-        else:
-            self.data.send(IMAGE_TORN)
-            self.counters.images_lost += 1
+        # Once the first frame is queued, the rest of the message is too (ZMQ checks the high-water mark
+        # per message). Zero-copy: the slot stays in use until the tracker says ZMQ let go of it.
+        tracker = self.data.send(self.images.raw_bytes(image_id, n), copy=False, track=True)
+        self.on_the_way.append((image_id, n, tracker))
 
-    def _live_due(self, meta: ImageMetadata) -> bool:
+    def _send_verdicts(self) -> None:
+        """Verdicts, in order, for the images whose bytes ZMQ has finished reading from their slot."""
+        c = self.counters
+        while self.on_the_way and self.on_the_way[0][2].done:
+            image_id, n, _ = self.on_the_way.popleft()
+            intact = self.images.still_holds(image_id)
+            self.verdicts.append(Verdict.encode(image_id, intact))
+            if intact:
+                c.images_sent += 1
+                c.bytes_sent += n
+            else:
+                c.images_lost += 1  # overwritten while its bytes were going out: the replica drops it
+        while self.verdicts:
+            try:
+                self.data.send(self.verdicts[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # no room right now; the next poll tries again, in order
+            self.verdicts.popleft()
+
+    def _live_due(self, sequence: int) -> bool:
         if self.settings.live_every:
-            return meta.user_1 % self.settings.live_every == 0
+            return sequence % self.settings.live_every == 0
         if self.settings.live_rate_hz <= 0:
             return True
         now = time.monotonic()
@@ -166,7 +226,7 @@ class StreamSender:
     def _send_live(self, meta: ImageMetadata, n: int) -> None:
         buf = self.live_buffer[:n]
         try:
-            self.images.copy_image(meta.id, buf)
+            self.images.copy_image(meta.id, buf)  # a copy: the preview must not hold a slot for a slow viewer
         except ImageLostError:
             self.counters.images_lost += 1
             return
@@ -178,7 +238,12 @@ class StreamSender:
         self.counters.live_images += 1
 
     def stop(self) -> None:
-        pass  # what is queued gets the socket's linger time to reach the replica
+        """Stop taking images; give the ones on their way a moment to leave and get their verdicts (what is
+        then still queued gets the socket's linger time)."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while (self.on_the_way or self.verdicts) and time.monotonic() < deadline:
+            self._send_verdicts()
+            time.sleep(TRACKER_POLL_S)
 
     def close(self) -> None:
         self.sub.close()
@@ -186,6 +251,7 @@ class StreamSender:
             self.data.close()
         if self.live is not None:
             self.live.close()
+        self.on_the_way.clear()
         self.images.close()
 
     def stats(self) -> Mapping[str, int]:

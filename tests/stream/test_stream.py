@@ -14,8 +14,9 @@ from core_buffer.errors import ConfigError
 from core_buffer.formats import ImageMetadata
 from core_buffer.ipc import image_metadata_address, make_socket
 from core_buffer.ringbuffer import ImageBuffer
+from std_stream_recv import receiver as receiver_module
 from std_stream_recv.receiver import ReceiverSettings, StreamReceiver
-from std_stream_send.sender import SenderSettings, StreamSender
+from std_stream_send.sender import SenderSettings, StreamSender, Verdict
 from tests.conftest import free_tcp_port_block
 from tests.producer import ImageProducer, expected_image
 
@@ -69,21 +70,100 @@ def test_a_slow_replica_makes_the_sender_drop_and_count_never_stall(source_and_r
     producer = ImageProducer(source)
     sender = StreamSender(source, SenderSettings(source))
     receiver = StreamReceiver(replica, ReceiverSettings(replica))  # not polled: a replica that stopped reading
+    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
+    sub.connect(image_metadata_address(replica))
     try:
         time.sleep(0.3)
         for _ in range(200):
             producer.publish()
             poll_until([sender], lambda: sender.counters.images == producer.next_id - 1)
         c = sender.counters
-        assert c.images_lost == 0
-        assert c.images_dropped > 100 and c.images_sent + c.images_dropped == 200
-        # The replica reads again: it gets what was queued, and once that is through, new images again.
-        poll_until([sender, receiver], lambda: receiver.counters.images == c.images_sent)
-        time.sleep(0.1)
-        sender.poll(0.01)
+        assert c.images_dropped > 100
+        # The replica reads again: what was on its way arrives, each image either sent or, if the ring
+        # buffer came round to its slot while it waited, lost and dropped by the replica (which counts it
+        # as torn or, when a later image needed its slot before the verdict came, as unconfirmed).
+        r = receiver.counters
+        poll_until([sender, receiver], lambda: not sender.on_the_way and c.images_sent == r.images
+                   and c.images_lost == r.torn_images + r.unconfirmed_images)
+        assert c.images_sent + c.images_dropped + c.images_lost == 200
         producer.publish()
         poll_until([sender, receiver], lambda: receiver.counters.last_image_id == 201)
-        assert receiver.counters.sequence_gaps >= c.images_dropped - 1 > 0
+        assert r.sequence_gaps == c.images_dropped and r.images == c.images_sent
+        # Downstream, the replica's sequence has a gap wherever an image went missing on the way: it
+        # advanced exactly as the source's (here the image ids) did.
+        published = [ImageMetadata.decode(sub.recv()) for _ in range(r.images)]
+        assert [m.user_1 - published[0].user_1 for m in published] == [m.id - published[0].id for m in published]
+    finally:
+        for thing in (sub, sender, receiver, producer):
+            thing.close()
+
+
+def test_the_replica_sequence_advances_by_the_source_gaps_so_consumers_there_count_them(source_and_replica):
+    source, replica, _ = source_and_replica
+    producer = ImageProducer(source, skip_sequence_every=3)  # as if every third message had been missed
+    sender = StreamSender(source, SenderSettings(source))
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
+    sub.connect(image_metadata_address(replica))
+    try:
+        time.sleep(0.3)
+        for _ in range(9):
+            producer.publish()
+            poll_until([sender, receiver], lambda: receiver.counters.last_image_id == producer.next_id - 1)
+        metas = [ImageMetadata.decode(sub.recv()) for _ in range(9)]
+        assert [m.id for m in metas] == list(range(1, 10))
+        steps = [b.user_1 - a.user_1 for a, b in zip(metas, metas[1:])]
+        assert steps == [1, 2, 1, 1, 2, 1, 1, 2]  # the source skipped a number before images 3, 6 and 9
+        assert receiver.counters.sequence_gaps == sender.counters.images_missed == 3
+        assert receiver.counters.torn_images == receiver.counters.bad_messages == 0
+    finally:
+        for thing in (sub, sender, receiver, producer):
+            thing.close()
+
+
+def test_an_image_overwritten_on_its_way_is_dropped_by_the_replica_and_counted_once(source_and_replica):
+    source, replica, _ = source_and_replica
+    producer = ImageProducer(source)
+    sender = StreamSender(source, SenderSettings(source))
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
+    sub.connect(image_metadata_address(replica))
+    try:
+        time.sleep(0.3)
+        image_id = producer.publish()
+        assert sender.sub.poll(5000)
+        encoded = sender.sub.recv()
+        # The sender's two steps one by one, so that the assembler comes round to the slot in between:
+        # the image is queued (its bytes are read from the slot later), then its slot is rewritten.
+        sender._on_image(encoded)
+        producer.images.begin_image(image_id + source.image_buffer_slots)
+        poll_until([sender, receiver], lambda: receiver.counters.torn_images == 1)
+        assert sender.counters.images_lost == 1 and sender.counters.images_sent == 0
+        producer.publish()
+        poll_until([sender, receiver], lambda: receiver.counters.images == 1)
+        r = receiver.counters
+        assert (r.torn_images, r.sequence_gaps, r.bad_messages, r.unconfirmed_images) == (1, 0, 0, 0)
+        only = ImageMetadata.decode(sub.recv())
+        assert (only.id, only.user_1) == (image_id + 1, 2)  # a consumer of the replica sees one missing
+        assert not sub.poll(100)
+    finally:
+        for thing in (sub, sender, receiver, producer):
+            thing.close()
+
+
+def test_a_stopping_sender_still_sends_the_verdicts_of_the_images_on_their_way(source_and_replica):
+    source, replica, _ = source_and_replica
+    producer = ImageProducer(source)
+    sender = StreamSender(source, SenderSettings(source))
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            producer.publish()
+        poll_until([sender], lambda: sender.counters.images == 3)
+        sender.stop()
+        assert not sender.on_the_way and not sender.verdicts
+        poll_until([receiver], lambda: receiver.counters.images == 3)
     finally:
         for thing in (sender, receiver, producer):
             thing.close()
@@ -134,26 +214,44 @@ def test_a_late_preview_viewer_gets_a_valid_header_and_the_current_image(make_co
 def test_the_replica_counts_and_drops_messages_that_are_not_its_images(source_and_replica):
     _, replica, port = source_and_replica
     receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
+    sub.connect(image_metadata_address(replica))
     push = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=100)
     push.connect(f"tcp://127.0.0.1:{port}")
-    good = ImageMetadata(5, *replica.image_shape, user_1=1)
     pixels = expected_image(replica, 5)
+
+    def image(sequence):
+        return ImageMetadata(5, *replica.image_shape, user_1=sequence).encode()
+
     try:
-        push.send(b"garbage")
+        time.sleep(0.3)
+        push.send(b"garbage")  # no sequence number: not an image at all
         push.send_multipart([ImageMetadata(1, 10, 10, user_1=1).encode(), b"\0" * 200])  # wrong shape
-        push.send(good.encode())  # no image bytes
-        push.send_multipart([good.encode(), b"\0" * 100, b"\x01"])  # wrong size
-        push.send_multipart([good.encode(), pixels.tobytes()])  # no check frame
-        push.send_multipart([good.encode(), pixels.tobytes(), b"\x00"])  # torn at the source: dropped
-        push.send_multipart([good.encode(), pixels.tobytes(), b"\x01"])
+        push.send(image(2))  # no image bytes
+        push.send_multipart([image(3), b"\0" * 100])  # wrong size
+        push.send_multipart([image(4), pixels.tobytes(), b"\x01"])  # a frame too many
+        push.send(Verdict.encode(5, True))  # a verdict for an image that never came: nothing to do
+        push.send_multipart([image(5), pixels.tobytes()])
+        push.send(Verdict.encode(5, False))  # torn at the source: dropped
+        push.send_multipart([image(6), pixels.tobytes()])
+        push.send(b"\0" * 8 + b"\x07")  # a bad verdict
+        push.send(Verdict.encode(5, True))
         poll_until([receiver], lambda: receiver.counters.images == 1)
-        assert receiver.counters.bad_messages == 5 and receiver.counters.torn_images == 1
+        r = receiver.counters
+        assert (r.bad_messages, r.torn_images, r.sequence_gaps, r.unconfirmed_images) == (6, 1, 0, 0)
         images = ImageBuffer.for_config(replica, create=False)
         assert np.array_equal(images.image_view(5, "<u2", replica.image_shape), pixels)
         images.close()
+        assert ImageMetadata.decode(sub.recv()).user_1 == 6  # the first five never published: gaps downstream
     finally:
         push.close()
+        sub.close()
         receiver.close()
+
+
+def test_sender_and_receiver_agree_on_the_verdict_message():
+    assert Verdict.STRUCT.format == receiver_module.VERDICT.format
+    assert (Verdict.INTACT, Verdict.TORN) == (receiver_module.INTACT, receiver_module.TORN)
 
 
 def test_sender_and_receiver_refuse_configs_without_an_address(make_config):
