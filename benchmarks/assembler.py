@@ -210,6 +210,8 @@ def main() -> int:
     seconds = args.seconds or (4.0 if args.long else 1.0)
     n_latency = 400 if args.long else 100
     print(f"load average: {os.getloadavg()[0]:.2f}")
+    print("workers: numba threads of the one assembler process (assembler.conversion_threads); "
+          "1 worker = one core")
     with tempfile.TemporaryDirectory() as tmp:
         chosen = configs(tmp)
         unknown = set(filter(None, args.only.split(","))) - set(chosen)
