@@ -16,9 +16,9 @@ import pytest
 
 from core_buffer.ringbuffer import SHM_DIR
 
-pytestmark = [pytest.mark.broker, pytest.mark.soak]
-
 SOAK_S = float(os.environ.get("STD_DAQ_SOAK_S", "45"))
+
+pytestmark = [pytest.mark.broker, pytest.mark.soak, pytest.mark.timeout(SOAK_S + 180)]
 RATE_HZ = 100
 IMAGES_PER_FILE = 100
 RSS_SLACK_BYTES = 16 * 2**20  # allocator and import noise; a leak per image or per file exceeds it
