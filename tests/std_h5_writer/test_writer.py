@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -562,29 +563,31 @@ def test_a_writer_not_running_as_root_refuses_a_request_for_another_user(make_co
     shared = tempfile.mkdtemp(prefix="std-daq-h5w-")
     try:
         os.chmod(shared, 0o1777)
-        _, config = make_config(output_dirs=[shared], ipc_dir=shared, shm_mode="0666")
+        path, config = make_config(output_dirs=[shared], ipc_dir=shared, shm_mode="0666")
         old_umask = os.umask(0)  # the agent's socket files must be connectable by the child's user
         try:
             agent = Agent(config)
         finally:
             os.umask(old_umask)
         other_uid = next(u.pw_uid for u in pwd.getpwall() if u.pw_uid not in (0, user.pw_uid))
-        pid = os.fork()
-        if pid == 0:  # the child: drop privileges, serve until the second run finished, leave
-            code = 1
-            try:
-                if os.geteuid() == 0:
-                    os.setgid(user.pw_gid)
-                    os.setuid(user.pw_uid)
-                writer = H5Writer(config, zmq.Context())
-                deadline = time.monotonic() + 20
-                while writer.counters.files_finished < 1 and time.monotonic() < deadline:
-                    writer.poll(0.05)
-                writer.stop()
-                writer.close()
-                code = 0
-            finally:
-                os._exit(code)
+        # A fresh interpreter (forking this multi-threaded test process could deadlock the child on a lock
+        # another thread held), started as root so it can load its modules, then dropping to the user.
+        child_code = textwrap.dedent(f"""
+            import os, sys, time, zmq
+            from core_buffer.config import load_config
+            from std_h5_writer.writer import H5Writer
+            config = load_config({str(path)!r})
+            if os.geteuid() == 0:
+                os.setgid({user.pw_gid})
+                os.setuid({user.pw_uid})
+            writer = H5Writer(config, zmq.Context())
+            deadline = time.monotonic() + 60
+            while writer.counters.files_finished < 1 and time.monotonic() < deadline:
+                writer.poll(0.05)
+            writer.stop()
+            writer.close()
+        """)
+        child = subprocess.Popen([sys.executable, "-c", child_code], cwd=os.getcwd())
         try:
             agent.start(os.path.join(shared, "theirs.h5"), 1, run_id=1, user_id=other_uid)
             refused = agent.wait(run_id=1, timeout_s=20)
@@ -600,9 +603,9 @@ def test_a_writer_not_running_as_root_refuses_a_request_for_another_user(make_co
             assert agent.wait(run_id=2, timeout_s=20).state == WriterState.FINISHED
             assert os.stat(own).st_uid == user.pw_uid
         finally:
-            _, status = os.waitpid(pid, 0)
+            returncode = child.wait(timeout=90)
             agent.close()
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert returncode == 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
