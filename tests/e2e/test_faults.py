@@ -113,7 +113,7 @@ def test_a_receiver_that_falls_behind_loses_counted_packets_and_no_wrong_pixel(
     assert_no_wrong_pixel(config, data, ids, statuses)  # ... and not as wrong pixels
     metrics = pipe.metrics()
     assert metrics["std_udp_recv-1"]["lost_packets"] > 0 or metrics["std_assembler"]["images_missing_module"] > 0
-    print(f"\nfalls behind: {len(statuses)} images written, statuses {dict(zip(*np.unique(statuses, return_counts=True)))}"
+    print(f"\nfalls behind: {len(statuses)} images written, statuses {dict(zip(*(a.tolist() for a in np.unique(statuses, return_counts=True))))}"
           f", receiver 1 lost {metrics['std_udp_recv-1']['lost_packets']:.0f} packets")
 
 
