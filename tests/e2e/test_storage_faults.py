@@ -54,18 +54,24 @@ def then_a_good_write_succeeds(client, config, pipe, tmp_path):
         assert f["entry/data/data"].shape[0] == 10
 
 
+def a_write_into(directory, n_images, pipeline_config, pipelines, client, tmp_path, expect: str) -> None:
+    """A pipeline writes n_images into `directory`: the request fails with `expect` in its reason, and
+    the next write elsewhere succeeds."""
+    path, config = pipeline_config()
+    pipe = pipelines(path, config)
+    pipe.simulate("--rate", "50", "--n-images", "forever")
+    outcome = client.wait(write(client, config, directory / "x.h5", n_images), timeout_s=60)
+    assert outcome.final_action == "request_fail", outcome
+    assert expect in outcome.message, outcome.message
+    then_a_good_write_succeeds(client, config, pipe, tmp_path)
+
+
 @needs_root
 def test_a_full_disk_fails_the_request_with_the_error_and_the_next_write_succeeds(
         pipeline_config, pipelines, client, tmp_path, mounted):
     small = tmp_path / "out" / "small"
     mounted("tmpfs", small)  # 6 MiB: room for about five 1 MiB images
-    path, config = pipeline_config()
-    pipe = pipelines(path, config)
-    pipe.simulate("--rate", "50", "--n-images", "forever")
-    outcome = client.wait(write(client, config, small / "full.h5", 40), timeout_s=60)
-    assert outcome.final_action == "request_fail", outcome
-    assert "No space left on device" in outcome.message, outcome.message
-    then_a_good_write_succeeds(client, config, pipe, tmp_path)
+    a_write_into(small, 40, pipeline_config, pipelines, client, tmp_path, expect="No space left on device")
 
 
 @needs_root
@@ -73,14 +79,8 @@ def test_a_read_only_directory_fails_the_request_with_the_error(pipeline_config,
                                                                   mounted):
     read_only = tmp_path / "out" / "ro"
     mounted("ro", read_only)
-    path, config = pipeline_config()
-    pipe = pipelines(path, config)
-    pipe.simulate("--rate", "50", "--n-images", "forever")
-    outcome = client.wait(write(client, config, read_only / "x.h5", 5), timeout_s=60)
-    assert outcome.final_action == "request_fail", outcome
-    assert "Read-only file system" in outcome.message, outcome.message
+    a_write_into(read_only, 5, pipeline_config, pipelines, client, tmp_path, expect="Read-only file system")
     assert not (read_only / "x.h5").exists()
-    then_a_good_write_succeeds(client, config, pipe, tmp_path)
 
 
 def test_a_directory_removed_during_the_write_fails_the_request_saying_so(pipeline_config, pipelines, client,
