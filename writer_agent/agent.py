@@ -424,13 +424,14 @@ class WriterAgent:
             if duration > 0:
                 summary["images_per_s"] = round(job.n_written / duration, 1)
             self.counters.requests_succeeded += 1
-            log.info("request %s: done, %s", r.request_id, summary)
             self._publish(r.request_id, job.delivery.body, broker.REQUEST_SUCCESS, json.dumps(summary),
                           ack=job.delivery)
+            # Logged once the status is on record: from here on a crash cannot lose it.
+            log.info("request %s: done, %s", r.request_id, summary)
         else:
             self.counters.requests_failed += 1
-            log.warning("request %s failed: %s", r.request_id, reason)
             self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason, ack=job.delivery)
+            log.warning("request %s failed: %s", r.request_id, reason)
         if self.waiting:
             self._take(self.waiting.popleft())
 
