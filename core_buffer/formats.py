@@ -188,6 +188,32 @@ class ImageMetadata:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """std_stream_send -> std_stream_recv, once per image after ZMQ let go of the image's bytes (9 B):
+    image id u64, then 1 if the source slot still held the image after its bytes went out, 0 if it was
+    overwritten meanwhile (docs/std_stream.md). The replica publishes an image only after a good verdict."""
+
+    image_id: int
+    intact: bool
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<QB")
+    SIZE: ClassVar[int] = 9
+    INTACT: ClassVar[int] = 1
+    TORN: ClassVar[int] = 0
+
+    def encode(self) -> bytes:
+        return self.STRUCT.pack(self.image_id, self.INTACT if self.intact else self.TORN)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Verdict:
+        _check_size(data, cls.SIZE, "Verdict")
+        image_id, verdict = cls.STRUCT.unpack(data)
+        if verdict not in (cls.INTACT, cls.TORN):
+            raise FormatError(f"Verdict {verdict} of image {image_id} is unknown (expected 1 intact, 0 torn)")
+        return cls(image_id, verdict == cls.INTACT)
+
+
 class StoreOp(enum.IntEnum):
     WRITE = 0
     START = 1

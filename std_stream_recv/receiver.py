@@ -28,7 +28,7 @@ import zmq
 
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import ConfigError, FormatError
-from core_buffer.formats import Dtype, Encoding, ImageMetadata
+from core_buffer.formats import Dtype, Encoding, ImageMetadata, Verdict
 from core_buffer.ipc import image_metadata_address, make_socket
 from core_buffer.ringbuffer import ImageBuffer
 from core_buffer.service import Counters
@@ -36,9 +36,6 @@ from core_buffer.service import Counters
 log = logging.getLogger("std_stream_recv")
 
 PUB_HWM = 100000
-# std_stream_send's verdict message (docs/std_stream.md): image id u64, then 1 intact / 0 torn.
-VERDICT = struct.Struct("<QB")
-INTACT, TORN = 1, 0
 ENCODINGS = frozenset(int(e) for e in Encoding)
 
 
@@ -105,7 +102,7 @@ class StreamReceiver:
             except zmq.Again:
                 return
             more = self.pull.getsockopt(zmq.RCVMORE)
-            if len(head) == VERDICT.size and not more:
+            if len(head) == Verdict.SIZE and not more:
                 self._on_verdict(head)
             else:
                 self._on_image(head, more)
@@ -176,10 +173,12 @@ class StreamReceiver:
                    f"{self.config.image_dtype} {self.config.image_shape}")
 
     def _on_verdict(self, message: bytes) -> None:
-        image_id, verdict = VERDICT.unpack(message)
-        if verdict not in (INTACT, TORN):
-            self._drop(f"image {image_id}: bad verdict {verdict}")
+        try:
+            verdict = Verdict.decode(message)
+        except FormatError as exc:
+            self._drop(str(exc))
             return
+        image_id = verdict.image_id
         slot = self.images.slot_of(image_id)
         waiting = self.unconfirmed.get(slot)
         if waiting is None or waiting[0] != image_id:
@@ -187,7 +186,7 @@ class StreamReceiver:
         del self.unconfirmed[slot]
         _, meta, n = waiting
         c = self.counters
-        if verdict == TORN:
+        if not verdict.intact:
             c.torn_images += 1  # the source slot was overwritten while being sent: its slot stays invalid
             return
         self.images.commit_image(meta)

@@ -4,9 +4,10 @@ Replica stream (PUSH, connected to std_stream_recv's bound PULL), two kinds of m
 - an image: the ImageMetadata as the source published it (its user_1 is the source's sequence, so the
   replica counts what it never got) and the image bytes, sent zero-copy straight out of the ring-buffer
   slot: ZMQ's I/O thread hands them to the kernel from there, nothing copies them before;
-- a verdict, once ZMQ has let go of those bytes (its message tracker says so): the image id and whether
-  the slot still held that image after its bytes went out. The replica publishes an image only after a
-  good verdict, so a slot the assembler overwrote while it was on its way is never taken for the image.
+- a verdict (core_buffer.formats.Verdict), once ZMQ has let go of those bytes (its message tracker says
+  so): the image id and whether the slot still held that image after its bytes went out. The replica
+  publishes an image only after a good verdict, so a slot the assembler overwrote while it was on its way
+  is never taken for the image.
 Why not one message with the verdict as its last frame: a multipart message leaves only once its last
 frame is queued, so that frame cannot wait for its own data to have been read; the old way, copying the
 image into the message first, cost a second full copy per image (about half the time the sender spent).
@@ -32,7 +33,7 @@ import zmq
 
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import ConfigError, ImageLostError
-from core_buffer.formats import Dtype, Encoding, ImageMetadata, ImageStatus
+from core_buffer.formats import Dtype, Encoding, ImageMetadata, ImageStatus, Verdict
 from core_buffer.ipc import image_metadata_address, make_socket
 from core_buffer.ringbuffer import ImageBuffer
 from core_buffer.service import Counters
@@ -50,19 +51,6 @@ TRACKER_POLL_S = 0.001
 STOP_WAIT_S = 1.0  # on stop, how long images on their way may take to leave and get their verdict
 ITEMSIZE = {int(code): code.numpy.itemsize for code in Dtype}
 ENCODINGS = frozenset(int(e) for e in Encoding)
-
-
-class Verdict:
-    """Replica message 2 (9 B): image id u64, then 1 if the slot still held the image after its bytes
-    were sent, 0 if it was overwritten meanwhile."""
-
-    STRUCT = struct.Struct("<QB")
-    SIZE = STRUCT.size
-    INTACT, TORN = 1, 0
-
-    @classmethod
-    def encode(cls, image_id: int, intact: bool) -> bytes:
-        return cls.STRUCT.pack(image_id, cls.INTACT if intact else cls.TORN)
 
 
 class SenderSettings:
@@ -199,7 +187,7 @@ class StreamSender:
         while self.on_the_way and self.on_the_way[0][2].done:
             image_id, n, _ = self.on_the_way.popleft()
             intact = self.images.still_holds(image_id)
-            self.verdicts.append(Verdict.encode(image_id, intact))
+            self.verdicts.append(Verdict(image_id, intact).encode())
             if intact:
                 c.images_sent += 1
                 c.bytes_sent += n

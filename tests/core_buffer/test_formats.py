@@ -13,6 +13,7 @@ from core_buffer.formats import (
     ModuleFrame,
     StoreOp,
     StoreStream,
+    Verdict,
     WriterState,
     WriterStatus,
 )
@@ -61,7 +62,21 @@ def test_store_stream_bytes_are_the_header_then_the_image_metadata():
     assert StoreStream.decode(expected) == message
 
 
-@pytest.mark.parametrize("cls,size", [(ModuleFrame, 64), (ImageMetadata, 56), (StoreStream, 80)])
+@pytest.mark.parametrize("intact,last_byte", [(True, 1), (False, 0)])
+def test_verdict_bytes_are_the_image_id_then_intact_or_torn(intact, last_byte):
+    verdict = Verdict(image_id=2**40 + 3, intact=intact)
+    expected = _le(2**40 + 3, 8) + _le(last_byte, 1)
+    assert len(expected) == Verdict.SIZE == 9
+    assert verdict.encode() == expected
+    assert Verdict.decode(expected) == verdict
+
+
+def test_unknown_verdict_is_refused():
+    with pytest.raises(FormatError, match="Verdict 7 of image 5 is unknown"):
+        Verdict.decode(_le(5, 8) + b"\x07")
+
+
+@pytest.mark.parametrize("cls,size", [(ModuleFrame, 64), (ImageMetadata, 56), (StoreStream, 80), (Verdict, 9)])
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_decoding_the_wrong_size_names_the_message_and_both_sizes(cls, size, delta):
     with pytest.raises(FormatError, match=rf"{cls.__name__} must be {size} bytes, got {size + delta}"):
