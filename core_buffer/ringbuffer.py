@@ -224,6 +224,11 @@ class RingBuffer:
         """Structured view of the metas of one slot, shape (n_modules,)."""
         return self._metas[slot]
 
+    def all_metas(self, module: int = 0) -> np.ndarray:
+        """Structured view of the metas of `module` in every slot, shape (n_slots,): for readers that
+        look at many slots (one index instead of a call per slot)."""
+        return self._metas[:, module]
+
     def slot_data(self, slot: int) -> np.ndarray:
         """uint8 view of the whole data of a slot (all modules, stacked)."""
         return self._data[slot]

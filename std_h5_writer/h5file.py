@@ -29,6 +29,7 @@ import time
 
 import h5py
 import hdf5plugin
+from h5py import h5d, h5p
 import numpy as np
 
 from core_buffer import __version__
@@ -52,6 +53,8 @@ CHUNK_ALIGNMENT = 1 << 20
 PIXEL_SIZE_M = {"jungfrau": 75e-6, "eiger": 75e-6, "gigafrost": 11e-6}
 
 SPACE_RESERVE_BYTES = 4 * 2**20
+ROOM_CHECK_BYTES = 16 * 2**20
+PREALLOCATE_MAX_IMAGES = 65536  # the "writer.preallocate_max_images" default: ~85 ms at start
 COLUMN_START_ROWS = 65536  # per-image columns grow by doubling, so a huge n_images allocates nothing up front
 
 
@@ -108,7 +111,8 @@ def _create(path: str, output_dirs: tuple[str, ...], mode: int, overwrite: bool,
 
 class OutputFile:
     def __init__(self, path: str, config: DetectorConfig, request: dict, n_images: int, dtype: np.dtype,
-                 compression: str, *, mode: int = 0o640, overwrite: bool = False, uid: int | None = None) -> None:
+                 compression: str, *, mode: int = 0o640, overwrite: bool = False, uid: int | None = None,
+                 preallocate_max_images: int = PREALLOCATE_MAX_IMAGES) -> None:
         """Create the file and its layout; on any failure nothing is left at `path`."""
         self.path = path
         self.n_images = n_images
@@ -117,6 +121,13 @@ class OutputFile:
         self.shape = config.image_shape
         self.dtype = np.dtype(dtype)
         self.compressed = compression == "bitshuffle-lz4"
+        self.chunk_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        # Uncompressed runs of up to `preallocate_max_images` have every chunk allocated by HDF5 when the
+        # dataset is made (without writing it), and the images go to those addresses with one pwrite
+        # each: ~3% faster than H5Dwrite_chunk (docs/std_h5_writer.md). Allocating costs ~1.3 us an
+        # image at start, so longer runs write through H5Dwrite_chunk instead of stalling their start.
+        self.preallocate = not self.compressed and n_images <= preallocate_max_images
+        self.chunk_offsets: list[int] | None = None
         fapl = {} if self.compressed else {"alignment_threshold": CHUNK_ALIGNMENT,
                                            "alignment_interval": CHUNK_ALIGNMENT}
         # The default (earliest) file format on purpose: it has no "open for writing" flag in the
@@ -130,6 +141,7 @@ class OutputFile:
         # system that runs full inside HDF5's own metadata writes leaves the file unclosable (and h5py
         # crashes the process when it finalises it), so a run stops before that, with ENOSPC of its own.
         self.reserve_bytes = SPACE_RESERVE_BYTES + 64 * n_images
+        self.room_unchecked = 0
         try:
             self._layout(config, request, compression)
         except BaseException:
@@ -167,8 +179,18 @@ class OutputFile:
         data_group.attrs[NX] = "NXdata"
         data_group.attrs["signal"] = "data"
         extra = dict(hdf5plugin.Bitshuffle(cname="lz4")) if self.compressed else {}
+        if self.preallocate:
+            dcpl = h5p.create(h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+            extra = {"dcpl": dcpl, "fill_time": "never"}  # a row never written reads 0 (a hole of a new file)
         self.data = data_group.create_dataset("data", shape=(n_images, h, w), maxshape=(None, h, w),
                                               dtype=self.dtype, chunks=(1, h, w), fillvalue=0, **extra)
+        if self.preallocate:
+            offsets: list[int] = []
+            self.data.id.chunk_iter(lambda chunk: offsets.append(chunk.byte_offset))
+            if len(offsets) != n_images:
+                raise RuntimeError(f"HDF5 allocated {len(offsets)} chunks for {n_images} images")
+            self.chunk_offsets = offsets
 
         instrument = entry.create_group("instrument")
         instrument.attrs[NX] = "NXinstrument"
@@ -217,18 +239,38 @@ class OutputFile:
     # --- images ---------------------------------------------------------------------------------------
 
     def ensure_room(self, nbytes: int) -> None:
-        """OSError(ENOSPC) unless `nbytes` fit on the file system with the closing reserve left over."""
+        """OSError(ENOSPC) unless `nbytes` fit on the file system with the closing reserve left over. The
+        free space is looked up once per ROOM_CHECK_BYTES written (what it showed free beyond the reserve,
+        up to that much, is spent without looking again)."""
+        if nbytes <= self.room_unchecked:
+            self.room_unchecked -= nbytes
+            return
         st = os.fstatvfs(self.fd)
         free = st.f_bavail * st.f_frsize
         if free < nbytes + self.reserve_bytes:
             raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.1f} MiB free where {self.path} "
                                         f"is, and {self.reserve_bytes / 2**20:.1f} MiB are kept to close the file")
+        self.room_unchecked = min(free - self.reserve_bytes - nbytes, ROOM_CHECK_BYTES)
 
     def write_chunk(self, i: int, chunk: np.ndarray) -> None:
         """Store row `i` as it will be on disk: raw pixels, or a bitshuffle-LZ4 chunk for a compressed file.
         A contiguous view of shared memory is fine: it is written from where it is, without a copy."""
         self.ensure_room(chunk.nbytes + CHUNK_ALIGNMENT)
-        self.data.id.write_direct_chunk((i, 0, 0), chunk)
+        if self.chunk_offsets is None:
+            self.data.id.write_direct_chunk((i, 0, 0), chunk)
+            return
+        if chunk.nbytes != self.chunk_bytes:
+            raise ValueError(f"a chunk of {chunk.nbytes} bytes for an uncompressed file of {self.chunk_bytes}")
+        self.write_preallocated(i, memoryview(chunk).cast("B"))
+
+    def write_preallocated(self, i: int, view: memoryview) -> None:
+        """Row `i` of an uncompressed file whose chunks are preallocated (`chunk_offsets`), from a byte
+        view of exactly `chunk_bytes`: the hot path's write_chunk, without the checks. The caller has
+        made sure of the room (ensure_room)."""
+        offset = self.chunk_offsets[i]
+        done = os.pwrite(self.fd, view, offset)
+        while done < len(view):  # a short write (a signal, or the disk filling up): go on or get its error
+            done += os.pwrite(self.fd, view[done:], offset + done)
 
     def write_pixels(self, i: int, pixels: np.ndarray) -> None:
         """Store row `i` from pixels, through HDF5's filter pipeline if the file is compressed (slow path)."""
@@ -240,7 +282,10 @@ class OutputFile:
 
     def erase(self, i: int) -> None:
         """Replace row `i` with zeros after it turned out not to be the image (rare: see writer.py)."""
-        self.data[i] = 0
+        if self.chunk_offsets is None:
+            self.data[i] = 0
+        else:
+            self.write_chunk(i, np.zeros(self.chunk_bytes, np.uint8))
 
     def record(self, i: int, image_id: int, status: int, frame_index: int = 0, pulse_id: int = 0,
                daq_rec: int = 0) -> None:

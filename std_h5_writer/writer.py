@@ -40,7 +40,7 @@ from core_buffer.output import OutputPathError, resolve_output_path
 from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import Counters
 from std_h5_writer.compression import Bitshuffle, CompressionUnavailable, check_chunk_header
-from std_h5_writer.h5file import STATUS_LOST, STATUS_REJECTED, OutputFile
+from std_h5_writer.h5file import PREALLOCATE_MAX_IMAGES, STATUS_LOST, STATUS_REJECTED, OutputFile
 
 log = logging.getLogger("std_h5_writer")
 
@@ -48,6 +48,7 @@ HWM = 100000
 UNCLOSABLE_FILES: list = []  # OutputFiles HDF5 failed to close; see _finish
 UNSENT_STATUSES_MAX = 1000
 COMPRESSIONS = ("none", "bitshuffle-lz4")
+WRITE_BATCH = 64  # uncompressed writes queued at most before they are done (_write_queued)
 PENDING_POLL_S = 0.001  # poll timeout while compressed images are in flight: their results go out at once
 # The fields of a StoreStream that a write needs (op, i_image, run_id, the image's id), read with one
 # struct call: StoreStream.decode builds two dataclasses and checks every field (12 us a message, 4% of
@@ -64,6 +65,7 @@ class WriterSettings:
         self.compression_threads = section.int("compression_threads", 1, min=1, max=64)
         self.status_interval_s = section.float("status_interval_s", 1.0, min=0.05, max=3600.0)
         self.flush_interval_s = section.float("flush_interval_s", 2.0, min=0.05, max=3600.0)
+        self.preallocate_max_images = section.int("preallocate_max_images", PREALLOCATE_MAX_IMAGES, min=0)
         section.finish()
 
 
@@ -106,6 +108,14 @@ class H5Writer:
         self.shape = config.image_shape
         self.image_bytes = config.image_bytes
         self.buffer = np.empty(self.shape, self.dtype)  # only for HDF5's filter path (no bitshuffle library)
+        # For the uncompressed hot path (_write_queued): every slot's metadata and bytes, indexed by slot, and
+        # the (height, width, dtype, encoding) of a raw image of this file as slot metadata holds them.
+        self.n_slots = self.images.layout.n_slots
+        self.slot_metas = self.images.all_metas()
+        self.slot_ids = self.slot_metas["id"]
+        self.slot_bytes = [memoryview(self.images.slot_data(slot)[:self.image_bytes]) for slot in range(self.n_slots)]
+        self.raw_key = (*self.shape, int(Dtype.from_numpy(self.dtype)), int(Encoding.RAW))
+        self.queued: list[tuple[int, int]] = []  # (row, image id) of writes not done yet (_write_queued)
         self.compressed = self.settings.compression == "bitshuffle-lz4"
         self.compressor: Bitshuffle | None = None
         self.pool: ThreadPoolExecutor | None = None
@@ -162,6 +172,7 @@ class H5Writer:
                 except zmq.Again:
                     break
                 self._on_message(parts)
+            self._write_queued()
         self._drain(block=False)
         self._periodic()
 
@@ -171,9 +182,14 @@ class H5Writer:
             if op == StoreOp.WRITE:
                 if self.run is None or run_id != self.run.run_id:
                     self.counters.stray_messages += 1
-                else:
+                elif self.compressed:
                     self._write(i, image_id)
+                else:
+                    self.queued.append((i, image_id))
+                    if len(self.queued) >= WRITE_BATCH:
+                        self._write_queued()
                 return
+        self._write_queued()  # the writes before this message first
         try:
             message = StoreStream.decode(parts[0])
         except FormatError as exc:
@@ -211,7 +227,8 @@ class H5Writer:
             self._attach_frames()
             run.file = OutputFile(path, self.config, request, message.n_images, self.dtype,
                                   self.settings.compression, mode=self.config.file_mode,
-                                  overwrite=self.config.overwrite_files, uid=uid)
+                                  overwrite=self.config.overwrite_files, uid=uid,
+                                  preallocate_max_images=self.settings.preallocate_max_images)
         except (OutputPathError, RequestError) as exc:
             self._report_refusal(message, run.output_file, str(exc))
             return
@@ -271,6 +288,65 @@ class H5Writer:
             if not isinstance(exc, OSError):
                 log.exception("run %d: writing image %d failed", run.run_id, i)
             self._fail(run, f"I/O error writing image {i} to {run.output_file}: {exc}")
+
+    def _write_queued(self) -> None:
+        """Write the queued writes of an uncompressed run: the hot path. What _write does for each, in
+        phases: check every slot's metadata, write the images (one pwrite each, nothing else in between),
+        then check the slots still hold them and record them. At 1 MiB an image every microsecond here is
+        0.4% of the writer's speed, and Python code run between two 1 MiB copies runs from cold caches:
+        interleaved, the same steps cost ~8 us an image, phased ~3 (measured)."""
+        queued, self.queued = self.queued, []
+        run = self.run
+        if not queued or run is None:
+            return
+        f, n_slots, slot_metas, raw_key = run.file, self.n_slots, self.slot_metas, self.raw_key
+        checked = []
+        for i, image_id in queued:
+            # The slot's own metadata, not the message's copy: (version, id, height, width, dtype,
+            # encoding, source_id, status, user_1, user_2).
+            fields = slot_metas[image_id % n_slots].item()
+            if fields[1] == image_id and fields[2:6] == raw_key and 0 <= i < run.n_images:
+                checked.append((i, image_id, fields))
+            else:
+                self._write(i, image_id)  # the general path says what is wrong with it
+                if self.run is not run:
+                    return  # it failed the run
+        frame_fields = [self._frame_fields(image_id) for _, image_id, _ in checked] if f.jungfrau else None
+        slot_bytes, written = self.slot_bytes, 0
+        try:
+            if f.chunk_offsets is not None:
+                f.ensure_room(len(checked) * f.chunk_bytes)
+                write = f.write_preallocated
+            else:
+                write = f.write_chunk
+            for i, image_id, _ in checked:
+                write(i, slot_bytes[image_id % n_slots])
+                written += 1
+        except Exception as exc:  # noqa: BLE001 - OSError (disk full, ...) and anything h5py raises
+            if not isinstance(exc, OSError):
+                log.exception("run %d: writing image %d failed", run.run_id, checked[written][0])
+            error = f"I/O error writing image {checked[written][0]} to {run.output_file}: {exc}"
+        else:
+            error = None
+        slot_ids = self.slot_ids
+        for k in range(written):
+            i, image_id, fields = checked[k]
+            if slot_ids[image_id % n_slots] != image_id:  # overwritten while it was being written
+                try:
+                    f.erase(i)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    error = error or f"I/O error erasing image {i} in {run.output_file}: {exc}"
+                    break
+                self._lost(f, i, image_id)
+                continue
+            pulse_id, daq_rec = frame_fields[k] if frame_fields else (0, 0)
+            f.record(i, image_id, fields[7], fields[9], pulse_id, daq_rec)  # status, frame index (user_2)
+            f.n_written += 1
+            f.written_since_flush += 1
+            self.counters.images_written += 1
+            self.counters.last_written_id = image_id
+        if error is not None:
+            self._fail(run, error)
 
     def _slot_meta(self, image_id: int) -> ImageMetadata:
         """The metadata in the slot of `image_id` (ImageLostError if the slot holds another id). What
@@ -506,6 +582,7 @@ class H5Writer:
             self.pool.shutdown(wait=True)
         self.pull.close()
         self.status.close()
+        self.slot_bytes = []  # views into the ImageBuffer: gone before it is unmapped
         self.images.close()
         if self.frames is not None:
             self.frames.close()

@@ -124,10 +124,15 @@ def write_run(agent, path, ids, run_id=1):
     return expected
 
 
-@pytest.mark.parametrize("compression,threads", [("none", 1), ("bitshuffle-lz4", 1), ("bitshuffle-lz4", 2)])
-def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(writer_rig, tmp_path, compression, threads):
+# Uncompressed runs of up to writer.preallocate_max_images images are written with pwrite into chunks
+# allocated at start, longer ones with H5Dwrite_chunk: "none, 0" takes the second path.
+@pytest.mark.parametrize("compression,threads,preallocate", [("none", 1, 65536), ("none", 1, 0),
+                                                              ("bitshuffle-lz4", 1, 65536), ("bitshuffle-lz4", 2, 65536)])
+def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(writer_rig, tmp_path, compression, threads,
+                                                                       preallocate):
     agent, _ = writer_rig(n_modules=2, image_pixel_height=1024,
-                          writer={"compression": compression, "compression_threads": threads})
+                          writer={"compression": compression, "compression_threads": threads,
+                                  "preallocate_max_images": preallocate})
     path = tmp_path / "run.h5"
     expected = write_run(agent, path, [11, 12, 13, 14])
     final = agent.wait()
@@ -171,8 +176,9 @@ def test_an_overwritten_image_is_recorded_as_lost_with_zero_pixels(writer_rig, t
         assert np.array_equal(f["entry/data/data"][2], pix3)
 
 
-def test_stop_early_trims_the_file_and_marks_it_interrupted(writer_rig, tmp_path):
-    agent, _ = writer_rig()
+@pytest.mark.parametrize("preallocate", [65536, 0])
+def test_stop_early_trims_the_file_and_marks_it_interrupted(writer_rig, tmp_path, preallocate):
+    agent, _ = writer_rig(writer={"preallocate_max_images": preallocate})
     path = tmp_path / "short.h5"
     agent.start(path, 10)
     agent.wait((WriterState.WRITING,))
@@ -183,7 +189,9 @@ def test_stop_early_trims_the_file_and_marks_it_interrupted(writer_rig, tmp_path
     final = agent.wait()
     assert final.state == WriterState.FINISHED and final.n_written == 3
     with h5py.File(path, "r") as f:
-        assert f["entry/data/data"].shape[0] == 3 and f.attrs["state"] == "interrupted"
+        data = f["entry/data/data"]
+        assert data.shape[0] == 3 and f.attrs["state"] == "interrupted"
+        assert np.array_equal(data[:], np.stack([agent.produce(image_id)[1] for image_id in (1, 2, 3)]))
 
 
 @pytest.mark.parametrize("case", ["outside", "dotdot", "missing_dir", "exists", "relative", "symlink_dir"])
@@ -502,14 +510,16 @@ def test_an_image_overwritten_while_it_is_written_is_erased_and_recorded_as_lost
         writer_rig, tmp_path, monkeypatch, compression):
     agent, _ = writer_rig(writer={"compression": compression})
     slots = agent.config.image_buffer_slots
-    real_write = h5file.OutputFile.write_chunk
+    def overwriting_after(real_write):
+        def write_then_overwrite(self, i, chunk):
+            real_write(self, i, chunk)
+            if i == 1:  # the producer laps the ring right after the chunk of image 2 reached the file
+                agent.produce(2 + slots)
+        return write_then_overwrite
 
-    def write_then_overwrite(self, i, chunk):
-        real_write(self, i, chunk)
-        if i == 1:  # the producer laps the ring right after the chunk of image 2 reached the file
-            agent.produce(2 + slots)
-
-    monkeypatch.setattr(h5file.OutputFile, "write_chunk", write_then_overwrite)
+    # Uncompressed rows go out through write_preallocated, compressed ones through write_chunk.
+    for name in ("write_chunk", "write_preallocated"):
+        monkeypatch.setattr(h5file.OutputFile, name, overwriting_after(getattr(h5file.OutputFile, name)))
     path = tmp_path / "torn.h5"
     agent.start(path, 3)
     agent.wait((WriterState.WRITING,))
