@@ -8,7 +8,12 @@ images sit in a real ImageBuffer, and it publishes their ImageMetadata, keeping 
 between "published" and "seen on the replica's metadata stream", so nothing is dropped.
 
 Bare ZMQ, in the same run: a PUSH in this process sends zero-copy to a PULL in another process, which
-receives with recv_into. Two references:
+receives with recv_into. Everything around the bytes that is not the services' own work is set as the
+services set it, so the reference is the best bare ZMQ does, not a handicapped one: the receiver tunes
+glibc's malloc exactly as std_stream_recv does (the sender service tunes nothing, nor does the bare
+sender), both sockets have the services' queue of QUEUE images as high-water mark, neither sets kernel
+buffer sizes (neither service does), the header goes as a copy and the image zero-copy (untracked: the
+tracker is the services' work), and the image is received into a preallocated buffer. Two references:
 - "bare zmq same bytes" (the headline ratio): the bytes the services move, minus the services: the header
   and the image from the source ImageBuffer's slots in turn, received into as many slots as the replica
   has. This is the issue's "bare ZMQ sends of the same bytes", and the fair reference: the services, too,
@@ -48,7 +53,10 @@ BIN = os.path.dirname(sys.executable)
 SIZES = {"1 MiB": 1, "4 MiB": 4}  # Jungfrau modules of 512x1024 uint16
 SLOTS = 128
 QUEUE = 64  # send and receive queues, in images (above --window, so nothing is dropped)
-BARE_HWM = 16
+# Both bare sockets queue as many images as the services may (sender: queue_images; receiver: the same
+# in images, its HWM of 2 * queue_images counting a verdict per image). 16, 64 and the services' exact
+# figures (4160 / 128 messages) gave the same rates within noise.
+BARE_HWM = QUEUE
 START_S = 1.5  # for the services to create their buffers, bind and connect
 TICK = os.sysconf("SC_CLK_TCK")
 ROUND = struct.Struct("<qq")  # bare receiver control message: messages in the round, same-slots flag
@@ -58,7 +66,16 @@ SAME_BYTES = "bare zmq same bytes"  # the headline reference: header + image fro
 ONE_HOT_BUFFER = "bare zmq one hot buffer"  # secondary: one buffer, in the caches
 
 BARE_RECEIVER = """
-import struct, sys, time, zmq, numpy as np
+import ctypes, ctypes.util, struct, sys, time, zmq, numpy as np
+# std_stream_recv's malloc tuning, the same calls (std_stream_recv.receiver.keep_message_buffers, which its
+# daemon runs before it creates a socket): glibc keeps freed ZMQ message buffers instead of handing every
+# one back to the kernel, so each message is not received into freshly faulted pages. Without it this
+# receiver spent ~25 % more CPU per 1 MiB message than the service and the reference was a weak one.
+# Unlike the service, a failure here stops the benchmark: an untuned reference would go unnoticed.
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 1 << 30) != 1:
+    sys.exit("mallopt failed: the bare receiver would not be tuned as std_stream_recv is")
 pull = zmq.Context().socket(zmq.PULL)
 pull.setsockopt(zmq.RCVHWM, int(sys.argv[4]))
 pull.bind(sys.argv[1])
