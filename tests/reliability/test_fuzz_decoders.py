@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from core_buffer.config import parse_config
 from core_buffer.errors import FormatError
-from core_buffer.formats import ImageMetadata, ModuleFrame, StoreStream, WriterStatus
+from core_buffer.formats import ImageMetadata, ModuleFrame, StoreStream, Verdict, WriterStatus
 from std_udp_recv.packets import MALFORMED_KINDS, PacketDecoder
 from writer_agent.request import BadRequest, parse_request
 
@@ -85,7 +85,7 @@ def _decode_or_format_error(decode, data: bytes):
         return None
 
 
-@pytest.mark.parametrize("message", [ModuleFrame, ImageMetadata, StoreStream])
+@pytest.mark.parametrize("message", [ModuleFrame, ImageMetadata, StoreStream, Verdict])
 def test_binary_message_decoders_return_or_raise_format_error(message):
     size = message.SIZE
 
