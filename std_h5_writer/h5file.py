@@ -297,6 +297,18 @@ class OutputFile:
             c["pulse_id"][i], c["frame_index"][i], c["daq_rec"][i] = pulse_id, frame_index, daq_rec
         self.n_slots = max(self.n_slots, i + 1)
 
+    def record_many(self, rows: np.ndarray, image_ids: np.ndarray, statuses: np.ndarray, frame_indexes: np.ndarray,
+                    pulse_ids: np.ndarray, daq_recs: np.ndarray) -> None:
+        """record() for arrays of rows."""
+        c = self.columns
+        top = int(rows.max()) + 1
+        if top > len(c["status"]):
+            self._grow(top)
+        c["image_id"][rows], c["status"][rows] = image_ids, statuses
+        if self.jungfrau:
+            c["pulse_id"][rows], c["frame_index"][rows], c["daq_rec"][rows] = pulse_ids, frame_indexes, daq_recs
+        self.n_slots = max(self.n_slots, top)
+
     def _grow(self, rows: int) -> None:
         size = min(max(rows, 2 * len(self.columns["status"])), self.n_images)
         for name, column in self.columns.items():
@@ -326,9 +338,12 @@ class OutputFile:
     def close(self, state: str) -> None:
         """Trim to the rows accounted for, write the end time and attributes, close."""
         n = self.n_slots
-        self.data.resize(n, axis=0)
+        trim = n < self.n_images
+        if trim:
+            self.data.resize(n, axis=0)
         for name, dset in self.meta.items():
-            dset.resize((n,))
+            if trim:
+                dset.resize((n,))
             dset[:n] = self.columns[name][:n]
         end = _now()
         self.file["entry/end_time"][()] = end

@@ -29,6 +29,7 @@ from core_buffer.service import run
 from std_h5_writer import h5file
 from std_h5_writer.compression import Bitshuffle
 from std_h5_writer.h5file import STATUS_LOST, STATUS_NOT_WRITTEN, STATUS_REJECTED
+from std_h5_writer import writer as writer_module
 from std_h5_writer.writer import H5Writer
 
 
@@ -112,6 +113,14 @@ def writer_rig(make_config, tmp_path):
         agent.close()
 
 
+@pytest.fixture(params=["batched", "one by one"])
+def write_path(request, monkeypatch):
+    """Uncompressed writes queued together are done as a batch (numpy bookkeeping), a few one by one
+    through the general path; which one a test gets depends on timing, so tests of pixels and statuses
+    that use this fixture run each path for sure."""
+    monkeypatch.setattr(writer_module, "VECTOR_MIN_WRITES", 1 if request.param == "batched" else 10**9)
+
+
 def write_run(agent, path, ids, run_id=1):
     agent.start(path, len(ids), run_id)
     assert agent.wait((WriterState.WRITING,)).run_id == run_id
@@ -126,10 +135,10 @@ def write_run(agent, path, ids, run_id=1):
 
 # Uncompressed runs of up to writer.preallocate_max_images images are written with pwrite into chunks
 # allocated at start, longer ones with H5Dwrite_chunk: "none, 0" takes the second path.
-@pytest.mark.parametrize("compression,threads,preallocate", [("none", 1, 65536), ("none", 1, 0),
-                                                              ("bitshuffle-lz4", 1, 65536), ("bitshuffle-lz4", 2, 65536)])
-def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(writer_rig, tmp_path, compression, threads,
-                                                                       preallocate):
+@pytest.mark.parametrize("compression,threads,preallocate", [
+    ("none", 1, 65536), ("none", 1, 0), ("bitshuffle-lz4", 1, 65536), ("bitshuffle-lz4", 2, 65536)])
+def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(write_path, writer_rig, tmp_path, compression,
+                                                                       threads, preallocate):
     agent, _ = writer_rig(n_modules=2, image_pixel_height=1024,
                           writer={"compression": compression, "compression_threads": threads,
                                   "preallocate_max_images": preallocate})
@@ -155,7 +164,7 @@ def test_images_land_bit_for_bit_with_nxmx_layout_links_and_attributes(writer_ri
     assert oct(os.stat(path).st_mode & 0o777) == oct(agent.config.file_mode)
 
 
-def test_an_overwritten_image_is_recorded_as_lost_with_zero_pixels(writer_rig, tmp_path):
+def test_an_overwritten_image_is_recorded_as_lost_with_zero_pixels(write_path, writer_rig, tmp_path):
     agent, _ = writer_rig()
     path = tmp_path / "lost.h5"
     agent.start(path, 3)
@@ -177,7 +186,7 @@ def test_an_overwritten_image_is_recorded_as_lost_with_zero_pixels(writer_rig, t
 
 
 @pytest.mark.parametrize("preallocate", [65536, 0])
-def test_stop_early_trims_the_file_and_marks_it_interrupted(writer_rig, tmp_path, preallocate):
+def test_stop_early_trims_the_file_and_marks_it_interrupted(write_path, writer_rig, tmp_path, preallocate):
     agent, _ = writer_rig(writer={"preallocate_max_images": preallocate})
     path = tmp_path / "short.h5"
     agent.start(path, 10)
@@ -365,7 +374,7 @@ def test_the_file_is_nxmx_with_definition_times_sample_and_detector_data_link(wr
         assert entry["data"].attrs["signal"] == "data" and entry.attrs["default"] == "data"
 
 
-def test_pulse_id_and_daq_rec_come_from_a_frame_buffer_made_after_the_writer_started(writer_rig, tmp_path):
+def test_pulse_id_and_daq_rec_come_from_a_frame_buffer_made_after_the_writer_started(write_path, writer_rig, tmp_path):
     agent, writer = writer_rig()
     assert writer.frames is None  # the launcher starts the writer before the receivers make the FrameBuffer
     frames = FrameBuffer.for_config(agent.config)
@@ -388,7 +397,7 @@ def test_pulse_id_and_daq_rec_come_from_a_frame_buffer_made_after_the_writer_sta
 
 
 def test_with_image_id_source_pulse_id_the_image_id_is_the_pulse_id_and_missing_frames_are_counted(
-        writer_rig, tmp_path):
+        write_path, writer_rig, tmp_path):
     agent, writer = writer_rig(image_id_source="pulse_id")
     path = tmp_path / "pid.h5"
     write_run(agent, path, [1000001, 1000002])
@@ -422,7 +431,7 @@ def test_an_unexpected_error_creating_the_file_gets_a_failed_status_and_leaves_n
     assert agent.wait(run_id=2).state == WriterState.FINISHED
 
 
-def test_rows_without_a_write_read_as_not_written_also_in_a_file_caught_mid_write(writer_rig, tmp_path):
+def test_rows_without_a_write_read_as_not_written_also_in_a_file_caught_mid_write(write_path, writer_rig, tmp_path):
     agent, _ = writer_rig(writer={"flush_interval_s": 0.05})
     path = tmp_path / "gaps.h5"
     agent.start(path, 6)
@@ -446,7 +455,8 @@ def test_rows_without_a_write_read_as_not_written_also_in_a_file_caught_mid_writ
 
 
 @pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
-def test_slots_that_are_not_an_image_of_the_file_are_rejected_never_written(writer_rig, tmp_path, compression):
+def test_slots_that_are_not_an_image_of_the_file_are_rejected_never_written(write_path, writer_rig, tmp_path,
+                                                                            compression):
     agent, writer = writer_rig(writer={"compression": compression})
     h, w = agent.config.image_shape
     path = tmp_path / "bad.h5"
@@ -507,7 +517,7 @@ def test_our_bitshuffle_chunks_are_byte_for_byte_what_the_hdf5_filter_writes(tmp
 
 @pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
 def test_an_image_overwritten_while_it_is_written_is_erased_and_recorded_as_lost(
-        writer_rig, tmp_path, monkeypatch, compression):
+        write_path, writer_rig, tmp_path, monkeypatch, compression):
     agent, _ = writer_rig(writer={"compression": compression})
     slots = agent.config.image_buffer_slots
     def overwriting_after(real_write):
