@@ -29,7 +29,7 @@ import time
 
 import h5py
 import hdf5plugin
-from h5py import h5d, h5p, h5s
+from h5py import h5a, h5d, h5o, h5p, h5s, h5t
 import numpy as np
 
 from core_buffer import __version__
@@ -56,6 +56,49 @@ SPACE_RESERVE_BYTES = 4 * 2**20
 ROOM_CHECK_BYTES = 16 * 2**20
 PREALLOCATE_MAX_IMAGES = 65536  # the "writer.preallocate_max_images" default: ~85 ms at start
 COLUMN_START_ROWS = 65536  # per-image columns grow by doubling, so a huge n_images allocates nothing up front
+
+
+# A file holds ~60 small objects (attributes, scalar datasets, links), all made at every start: h5py's
+# high-level calls cost ~30 us an object more than its low-level ones (a temporary name and a rename per
+# attribute, type guessing, ...). These helpers store the same types: variable-length UTF-8 strings for
+# str, numpy's types for numbers and arrays.
+_STR_FILE_TYPE = h5t.py_create(h5py.string_dtype(), logical=True)
+_STR_MEMORY_TYPE = h5t.py_create(h5py.string_dtype())
+
+
+def _typed(value: object) -> tuple[np.ndarray, h5t.TypeID, h5t.TypeID, h5s.SpaceID]:
+    """(data, file type, memory type, dataspace) of a str, number or array."""
+    if isinstance(value, str):
+        data, file_type, memory_type = np.array(value, dtype=h5py.string_dtype()), _STR_FILE_TYPE, _STR_MEMORY_TYPE
+    else:
+        data = np.asarray(value)
+        file_type = memory_type = h5t.py_create(data.dtype)
+    space = h5s.create(h5s.SCALAR) if data.ndim == 0 else h5s.create_simple(data.shape)
+    return data, file_type, memory_type, space
+
+
+def _set_attrs(obj: h5py.HLObject, values: dict) -> None:
+    """obj.attrs.update(values), through the low-level calls."""
+    for name, value in values.items():
+        key = name.encode()
+        if h5a.exists(obj.id, key):
+            h5a.delete(obj.id, key)
+        data, file_type, memory_type, space = _typed(value)
+        h5a.create(obj.id, key, file_type, space).write(data, mtype=memory_type)
+
+
+def _put(group: h5py.Group, name: str, value: object, attrs: dict | None = None) -> None:
+    """group[name] = value (a small dataset), with its attributes, through the low-level calls."""
+    data, file_type, memory_type, space = _typed(value)
+    dataset = h5d.create(group.id, name.encode(), file_type, space)
+    dataset.write(h5s.ALL, h5s.ALL, data, mtype=memory_type)
+    if attrs:
+        _set_attrs(h5py.Dataset(dataset), attrs)
+
+
+def _link(group: h5py.Group, name: str, target: h5py.Dataset) -> None:
+    """group[name] = target: a hard link."""
+    h5o.link(target.id, group.id, name.encode())
 
 
 def _now() -> str:
@@ -157,7 +200,7 @@ class OutputFile:
     def _layout(self, config: DetectorConfig, request: dict, compression: str) -> None:
         f, (h, w), n_images = self.file, self.shape, self.n_images
         start = _now()
-        f.attrs.update({
+        _set_attrs(f, {
             "detector_name": config.detector_name, "detector_type": config.detector_type,
             "bit_depth": config.bit_depth, "image_height": h, "image_width": w,
             "image_dtype": self.dtype.str, "conversion": config.conversion,
@@ -169,15 +212,13 @@ class OutputFile:
             "state": "writing", "status_codes": STATUS_CODES,
         })
         entry = f.create_group("entry")
-        entry.attrs[NX] = "NXentry"
-        entry.attrs["default"] = "data"
-        entry["definition"] = "NXmx"
-        entry["start_time"] = start
+        _set_attrs(entry, {NX: "NXentry", "default": "data"})
+        _put(entry, "definition", "NXmx")
+        _put(entry, "start_time", start)
         # Written now so the group is complete even in a file whose writer died; overwritten at close.
         self.end_time = entry.create_dataset("end_time", data=start, dtype=h5py.string_dtype(length=64))
         data_group = entry.create_group("data")
-        data_group.attrs[NX] = "NXdata"
-        data_group.attrs["signal"] = "data"
+        _set_attrs(data_group, {NX: "NXdata", "signal": "data"})
         extra = dict(hdf5plugin.Bitshuffle(cname="lz4")) if self.compressed else {}
         if self.preallocate:
             dcpl = h5p.create(h5p.DATASET_CREATE)
@@ -193,34 +234,31 @@ class OutputFile:
             self.chunk_offsets = offsets
 
         instrument = entry.create_group("instrument")
-        instrument.attrs[NX] = "NXinstrument"
+        _set_attrs(instrument, {NX: "NXinstrument"})
         detector = instrument.create_group("detector")
-        detector.attrs[NX] = "NXdetector"
-        detector["data"] = self.data  # the NXmx place of the images: a hard link, not a copy
-        detector["description"] = config.detector_type
-        detector["bit_depth_readout"] = config.bit_depth
-        detector["depends_on"] = "."
+        _set_attrs(detector, {NX: "NXdetector"})
+        _link(detector, "data", self.data)  # the NXmx place of the images: a hard link, not a copy
+        _put(detector, "description", config.detector_type)
+        _put(detector, "bit_depth_readout", config.bit_depth)
+        _put(detector, "depends_on", ".")
         pixel = PIXEL_SIZE_M.get(config.detector_type)
         module = detector.create_group("module")
-        module.attrs[NX] = "NXdetector_module"
-        module["data_origin"] = np.array([0, 0], np.int32)
-        module["data_size"] = np.array([h, w], np.int32)
+        _set_attrs(module, {NX: "NXdetector_module"})
+        _put(module, "data_origin", np.array([0, 0], np.int32))
+        _put(module, "data_size", np.array([h, w], np.int32))
         if pixel is not None:
-            for name, value in (("x_pixel_size", pixel), ("y_pixel_size", pixel)):
-                detector[name] = value
-                detector[name].attrs["units"] = "m"
+            for name in ("x_pixel_size", "y_pixel_size"):
+                _put(detector, name, pixel, {"units": "m"})
             # Geometry without a beamline model: the module at the detector origin, fast axis along x, slow
             # along y; a beamline that knows its geometry overwrites these.
-            offset = module.create_dataset("module_offset", data=0.0)
-            offset.attrs.update({"transformation_type": "translation", "vector": [1.0, 0.0, 0.0],
-                                 "units": "m", "depends_on": "."})
+            _put(module, "module_offset", 0.0, {"transformation_type": "translation", "vector": [1.0, 0.0, 0.0],
+                                                "units": "m", "depends_on": "."})
             for name, vector in (("fast_pixel_direction", [1.0, 0.0, 0.0]), ("slow_pixel_direction", [0.0, 1.0, 0.0])):
-                axis = module.create_dataset(name, data=pixel)
-                axis.attrs.update({"transformation_type": "translation", "vector": vector, "units": "m",
-                                   "depends_on": "/entry/instrument/detector/module/module_offset"})
+                _put(module, name, pixel, {"transformation_type": "translation", "vector": vector, "units": "m",
+                                           "depends_on": "/entry/instrument/detector/module/module_offset"})
         sample = entry.create_group("sample")
-        sample.attrs[NX] = "NXsample"
-        sample["depends_on"] = "."
+        _set_attrs(sample, {NX: "NXsample"})
+        _put(sample, "depends_on", ".")
 
         self.per_image = {"image_id": np.uint64, "status": np.uint16}
         if self.jungfrau:
@@ -232,9 +270,9 @@ class OutputFile:
             name, shape=(n_images,), maxshape=(None,), dtype=dt, chunks=(min(max(n_images, 1), 4096),),
             fillvalue=STATUS_NOT_WRITTEN if name == "status" else 0) for name, dt in self.per_image.items()}
         std = f.create_group(self.det)
-        std["data"] = self.data
+        _link(std, "data", self.data)
         for name, dset in self.meta.items():
-            std[name] = dset
+            _link(std, name, dset)
 
     # --- images ---------------------------------------------------------------------------------------
 
@@ -354,7 +392,7 @@ class OutputFile:
         self._write_columns(n)
         end = _now()
         self.end_time[()] = end
-        self.file.attrs.update({"state": state, "end_time": end, "n_images_written": self.n_written,
-                                "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
+        _set_attrs(self.file, {"state": state, "end_time": end, "n_images_written": self.n_written,
+                               "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
         self.file.close()
         self.check_in_place()
