@@ -10,7 +10,7 @@ import enum
 import json
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
@@ -192,7 +192,10 @@ class ImageMetadata:
 class Verdict:
     """std_stream_send -> std_stream_recv, once per image after ZMQ let go of the image's bytes (9 B):
     image id u64, then 1 if the source slot still held the image after its bytes went out, 0 if it was
-    overwritten meanwhile (docs/std_stream.md). The replica publishes an image only after a good verdict."""
+    overwritten meanwhile (docs/std_stream.md). The replica publishes an image only after a good verdict.
+
+    A verdict message (one ZMQ frame) carries the verdicts of any number of images back to back, in the
+    order of the images (`encode_many`, `decode_many`); an empty one carries none."""
 
     image_id: int
     intact: bool
@@ -212,6 +215,19 @@ class Verdict:
         if verdict not in (cls.INTACT, cls.TORN):
             raise FormatError(f"Verdict {verdict} of image {image_id} is unknown (expected 1 intact, 0 torn)")
         return cls(image_id, verdict == cls.INTACT)
+
+    @classmethod
+    def encode_many(cls, verdicts: Iterable[Verdict]) -> bytes:
+        """A verdict message: the verdicts back to back, in the order given."""
+        return b"".join(v.encode() for v in verdicts)
+
+    @classmethod
+    def decode_many(cls, data: bytes | memoryview) -> list[Verdict]:
+        """The verdicts of a verdict message, in order; FormatError if its size is not a multiple of 9 B or
+        any verdict in it is unknown (then none of them is returned)."""
+        if len(data) % cls.SIZE:
+            raise FormatError(f"a verdict message must be a multiple of {cls.SIZE} bytes, got {len(data)}")
+        return [cls.decode(data[i:i + cls.SIZE]) for i in range(0, len(data), cls.SIZE)]
 
 
 class StoreOp(enum.IntEnum):

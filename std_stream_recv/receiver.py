@@ -37,6 +37,7 @@ log = logging.getLogger("std_stream_recv")
 
 PUB_HWM = 100000
 ENCODINGS = frozenset(int(e) for e in Encoding)
+VERDICT_FLAGS = frozenset((Verdict.INTACT, Verdict.TORN))
 
 
 def keep_message_buffers() -> None:
@@ -102,8 +103,8 @@ class StreamReceiver:
             except zmq.Again:
                 return
             more = self.pull.getsockopt(zmq.RCVMORE)
-            if len(head) == Verdict.SIZE and not more:
-                self._on_verdict(head)
+            if not more and len(head) % Verdict.SIZE == 0:  # never an image: a header is 56 B, then more
+                self._on_verdicts(head)
             else:
                 self._on_image(head, more)
 
@@ -172,13 +173,19 @@ class StreamReceiver:
         self._drop(f"image {meta.id} is {meta.numpy_dtype} {meta.shape}; this replica holds "
                    f"{self.config.image_dtype} {self.config.image_shape}")
 
-    def _on_verdict(self, message: bytes) -> None:
-        try:
-            verdict = Verdict.decode(message)
-        except FormatError as exc:
-            self._drop(str(exc))
+    def _on_verdicts(self, message: bytes) -> None:
+        # Straight from the struct; Verdict.decode_many (dataclasses, error messages) only for a bad message.
+        verdicts = list(Verdict.STRUCT.iter_unpack(message))
+        if any(flag not in VERDICT_FLAGS for _, flag in verdicts):
+            try:
+                Verdict.decode_many(message)
+            except FormatError as exc:
+                self._drop(str(exc))
             return
-        image_id = verdict.image_id
+        for image_id, flag in verdicts:
+            self._on_verdict(image_id, flag == Verdict.INTACT)
+
+    def _on_verdict(self, image_id: int, intact: bool) -> None:
         slot = self.images.slot_of(image_id)
         waiting = self.unconfirmed.get(slot)
         if waiting is None or waiting[0] != image_id:
@@ -186,7 +193,7 @@ class StreamReceiver:
         del self.unconfirmed[slot]
         _, meta, n = waiting
         c = self.counters
-        if not verdict.intact:
+        if not intact:
             c.torn_images += 1  # the source slot was overwritten while being sent: its slot stays invalid
             return
         self.images.commit_image(meta)

@@ -4,13 +4,22 @@ Replica stream (PUSH, connected to std_stream_recv's bound PULL), two kinds of m
 - an image: the ImageMetadata as the source published it (its user_1 is the source's sequence, so the
   replica counts what it never got) and the image bytes, sent zero-copy straight out of the ring-buffer
   slot: ZMQ's I/O thread hands them to the kernel from there, nothing copies them before;
-- a verdict (core_buffer.formats.Verdict), once ZMQ has let go of those bytes (its message tracker says
-  so): the image id and whether the slot still held that image after its bytes went out. The replica
-  publishes an image only after a good verdict, so a slot the assembler overwrote while it was on its way
-  is never taken for the image.
+- verdicts (core_buffer.formats.Verdict), once ZMQ has let go of those bytes: per image its id and
+  whether the slot still held that image after its bytes went out, the verdicts of all images released at
+  once in one message. The replica publishes an image only after a good verdict, so a slot the assembler
+  overwrote while it was on its way is never taken for the image.
 Why not one message with the verdict as its last frame: a multipart message leaves only once its last
 frame is queued, so that frame cannot wait for its own data to have been read; the old way, copying the
 image into the message first, cost a second full copy per image (about half the time the sender spent).
+
+How the sender knows that ZMQ let go of an image's bytes: ZMQ's I/O thread takes the messages of the one
+connection in order and lets go of each before it starts on the next, so once a message is released, so
+are all queued before it. Only some images are tracked (markers: the last image of each batch taken from
+the assembler's stream, and at least every MARK_EVERY-th); the others go out as a zero-copy frame made
+once per slot at start. Why: pyzmq releases each zero-copy frame it makes through its garbage-collector
+thread (ZMQ's I/O thread sends it a message, and it is a Python thread woken per frame), and a tracker
+adds a threading.Event per frame. Tracking every image, the sender spent ~254 us of CPU per 1 MiB image
+in benchmarks/stream.py; with markers ~196 us.
 
 At most `queue_images` images are waiting to be sent; beyond that (a slow or absent replica) an image is
 dropped and counted: the sender never waits, so it can never hold back the assembler.
@@ -48,7 +57,11 @@ VERDICT_ROOM = 4096
 # While images are on their way, look at their trackers at least this often (the replica publishes an
 # image only after its verdict, so this bounds the added latency).
 TRACKER_POLL_S = 0.001
+# Track at least every this many images (each tracked image costs a wake of pyzmq's garbage-collector
+# thread; the others wait for the next tracked one to be released).
+MARK_EVERY = 8
 STOP_WAIT_S = 1.0  # on stop, how long images on their way may take to leave and get their verdict
+VERDICT = Verdict.STRUCT  # packed straight in the hot path: Verdict(...).encode() per image costs more
 ITEMSIZE = {int(code): code.numpy.itemsize for code in Dtype}
 ENCODINGS = frozenset(int(e) for e in Encoding)
 
@@ -104,9 +117,19 @@ class StreamSender:
         if settings.to:
             self.data = make_socket(context, zmq.PUSH, hwm=settings.queue_images + VERDICT_ROOM, linger_ms=1000)
             self.data.connect(settings.to)
-        # Images whose bytes ZMQ may still read from their slot, oldest first: (id, bytes, tracker).
-        self.on_the_way: collections.deque[tuple[int, int, zmq.MessageTracker]] = collections.deque()
-        self.verdicts: collections.deque[bytes] = collections.deque()  # ones the socket had no room for yet
+        # Images whose bytes ZMQ may still read from their slot, oldest first: (id, bytes).
+        self.on_the_way: collections.deque[tuple[int, int]] = collections.deque()
+        # Tracked messages on their way, oldest first: (images queued up to and including it, tracker). Once
+        # one is released, ZMQ is done with those images too (see the module docstring).
+        self.markers: collections.deque[tuple[int, zmq.MessageTracker]] = collections.deque()
+        self.n_queued = self.n_released = self.n_marked = 0  # images queued, verdicted, covered by a marker
+        # One zero-copy frame per slot, for the whole slot, made once: sending it makes no new frame
+        # (pyzmq only adds a reference to it), so nothing per image goes through pyzmq's collector thread.
+        self.slot_frames: list[zmq.Frame] = []
+        if self.data is not None:
+            self.slot_frames = [zmq.Frame(self.images.slot_data(slot), copy=False)
+                                for slot in range(self.images.layout.n_slots)]
+        self.verdicts: collections.deque[bytes] = collections.deque()  # messages the socket had no room for yet
         self.live: zmq.Socket | None = None
         self.live_buffer = np.empty(config.image_bytes, np.uint8)
         if settings.live:
@@ -126,16 +149,29 @@ class StreamSender:
         if self.on_the_way or self.verdicts:
             timeout_s = min(timeout_s, TRACKER_POLL_S)
         if self.sub.poll(timeout_s * 1000):
+            messages = []
             for _ in range(1000):
                 try:
-                    data = self.sub.recv(zmq.NOBLOCK)
+                    messages.append(self.sub.recv(zmq.NOBLOCK))
                 except zmq.Again:
                     break
-                self._on_image(data)
+            self._on_images(messages)
         if self.on_the_way or self.verdicts:
             self._send_verdicts()
 
-    def _on_image(self, encoded: bytes) -> None:
+    def _on_images(self, messages: list[bytes]) -> None:
+        """A batch of ImageMetadata messages from the assembler, in order: all sent together, so that the
+        last one sent is a marker (see the module docstring)."""
+        to_replica = []
+        for encoded in messages:
+            image = self._on_image(encoded)
+            if image is not None and self.data is not None:
+                to_replica.append(image)
+        if to_replica:
+            self._send_replica(to_replica)
+
+    def _on_image(self, encoded: bytes) -> tuple[int, int, bytes] | None:
+        """Checks and counts one image, sends its preview if due; (id, bytes, header) to send on."""
         # The fields the hot path needs straight from the struct: ImageMetadata.decode costs as much as
         # everything else the sender does per image; it runs only where the whole message is needed.
         c = self.counters
@@ -157,48 +193,80 @@ class StreamSender:
         if n > self.image_bytes:
             c.bad_messages += 1
             return
-        if self.data is not None:
-            self._send_replica(image_id, n, encoded)
         if self.live is not None and self._live_due(sequence):
             self._send_live(ImageMetadata.decode(encoded), n)
+        return image_id, n, encoded
 
-    def _send_replica(self, image_id: int, n: int, encoded: bytes) -> None:
-        if len(self.on_the_way) >= self.settings.queue_images:
+    def _send_replica(self, images: list[tuple[int, int, bytes]]) -> None:
+        c = self.counters
+        queue_images = self.settings.queue_images
+        if len(self.on_the_way) + len(images) > queue_images:
             self._send_verdicts()  # some may have left since the last look
-        if len(self.on_the_way) >= self.settings.queue_images or self.verdicts:
-            self.counters.images_dropped += 1  # a slow replica, or none connected
-            return
-        if not self.images.still_holds(image_id):
-            self.counters.images_lost += 1  # overwritten before we got to it
-            return
-        try:
-            self.data.send(encoded, zmq.NOBLOCK | zmq.SNDMORE)
-        except zmq.Again:
-            self.counters.images_dropped += 1  # the high-water mark: no replica has connected yet
-            return
-        # Once the first frame is queued, the rest of the message is too (ZMQ checks the high-water mark
-        # per message). Zero-copy: the slot stays in use until the tracker says ZMQ let go of it.
-        tracker = self.data.send(self.images.raw_bytes(image_id, n), copy=False, track=True)
-        self.on_the_way.append((image_id, n, tracker))
+        room = 0 if self.verdicts else queue_images - len(self.on_the_way)
+        sending = []
+        for image in images:
+            if len(sending) >= room:
+                c.images_dropped += 1  # a slow replica, or none connected
+            elif not self.images.still_holds(image[0]):
+                c.images_lost += 1  # overwritten before we got to it
+            else:
+                sending.append(image)
+        last = len(sending) - 1
+        for i, (image_id, n, encoded) in enumerate(sending):
+            try:
+                self.data.send(encoded, zmq.NOBLOCK | zmq.SNDMORE)
+            except zmq.Again:
+                c.images_dropped += len(sending) - i  # the high-water mark (_send_verdicts adds a marker)
+                return
+            # Once the first frame is queued, the rest of the message is too (ZMQ checks the high-water mark
+            # per message). Zero-copy: the slot stays in use until a marker behind it is released.
+            self.n_queued += 1
+            self.on_the_way.append((image_id, n))
+            if i < last and n == self.image_bytes and self.n_queued - self.n_marked < MARK_EVERY:
+                self.data.send(self.slot_frames[self.images.slot_of(image_id)], copy=False)
+            else:
+                self._send_marker(self.images.raw_bytes(image_id, n), 0)
+
+    def _send_marker(self, data: np.ndarray | bytes, flags: int) -> None:
+        """Send `data` as a tracked zero-copy frame (made here: pyzmq's send would copy a small one, and a
+        copied frame counts as released at once), a marker for all images queued so far."""
+        frame = zmq.Frame(data, copy=False, track=True)
+        self.data.send(frame, flags, copy=False)
+        self.markers.append((self.n_queued, frame.tracker))
+        self.n_marked = self.n_queued
 
     def _send_verdicts(self) -> None:
-        """Verdicts, in order, for the images whose bytes ZMQ has finished reading from their slot."""
+        """The verdicts, in order, of the images whose bytes ZMQ has finished reading from their slot: all
+        that are known at this moment go in one message."""
         c = self.counters
-        while self.on_the_way and self.on_the_way[0][2].done:
-            image_id, n, _ = self.on_the_way.popleft()
-            intact = self.images.still_holds(image_id)
-            self.verdicts.append(Verdict(image_id, intact).encode())
-            if intact:
-                c.images_sent += 1
-                c.bytes_sent += n
-            else:
-                c.images_lost += 1  # overwritten while its bytes were going out: the replica drops it
+        released = []
+        while self.markers and self.markers[0][1].done:
+            upto, _ = self.markers.popleft()
+            for _ in range(upto - self.n_released):
+                image_id, n = self.on_the_way.popleft()
+                if self.images.still_holds(image_id):
+                    released.append(VERDICT.pack(image_id, Verdict.INTACT))
+                    c.images_sent += 1
+                    c.bytes_sent += n
+                else:
+                    released.append(VERDICT.pack(image_id, Verdict.TORN))
+                    c.images_lost += 1  # overwritten while its bytes were going out: the replica drops it
+            self.n_released = upto
+        if released:
+            self.verdicts.append(b"".join(released))
         while self.verdicts:
             try:
                 self.data.send(self.verdicts[0], zmq.NOBLOCK)
             except zmq.Again:
                 return  # no room right now; the next poll tries again, in order
             self.verdicts.popleft()
+        if self.n_marked < self.n_queued:
+            # Only after a send failed at the high-water mark: the images queued last have no marker behind
+            # them, so send one, an empty verdict message (the replica finds no verdict in it).
+            try:
+                self._send_marker(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the next poll tries again
 
     def _live_due(self, sequence: int) -> bool:
         if self.settings.live_every:
@@ -240,6 +308,8 @@ class StreamSender:
         if self.live is not None:
             self.live.close()
         self.on_the_way.clear()
+        self.markers.clear()
+        self.slot_frames.clear()  # pyzmq lets go of the slots once ZMQ has (the socket is closed above)
         self.images.close()
 
     def stats(self) -> Mapping[str, int]:

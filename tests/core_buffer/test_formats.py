@@ -71,6 +71,22 @@ def test_verdict_bytes_are_the_image_id_then_intact_or_torn(intact, last_byte):
     assert Verdict.decode(expected) == verdict
 
 
+def test_a_verdict_message_is_the_verdicts_back_to_back_in_order_and_may_be_empty():
+    verdicts = [Verdict(7, True), Verdict(2**40 + 3, False), Verdict(9, True)]
+    message = Verdict.encode_many(verdicts)
+    assert message == b"".join(v.encode() for v in verdicts)
+    assert Verdict.decode_many(message) == verdicts
+    assert Verdict.encode_many([]) == b"" and Verdict.decode_many(b"") == []
+
+
+def test_a_verdict_message_with_a_bad_size_or_an_unknown_verdict_is_refused_whole():
+    good = Verdict(5, True).encode()
+    with pytest.raises(FormatError, match="multiple of 9 bytes, got 10"):
+        Verdict.decode_many(good + b"\x01")
+    with pytest.raises(FormatError, match="Verdict 7 of image 6 is unknown"):
+        Verdict.decode_many(good + _le(6, 8) + b"\x07")
+
+
 def test_unknown_verdict_is_refused():
     with pytest.raises(FormatError, match="Verdict 7 of image 5 is unknown"):
         Verdict.decode(_le(5, 8) + b"\x07")

@@ -100,6 +100,16 @@ def test_binary_message_decoders_return_or_raise_format_error(message):
     check()
 
 
+@FUZZ
+@given(st.one_of(st.binary(max_size=4 * Verdict.SIZE),
+                 st.lists(st.binary(min_size=Verdict.SIZE, max_size=Verdict.SIZE), max_size=4).map(b"".join)))
+def test_the_verdict_message_decoder_returns_or_raises_format_error(data):
+    decoded = _decode_or_format_error(Verdict.decode_many, data)
+    if decoded is not None:
+        assert len(data) == len(decoded) * Verdict.SIZE
+        assert Verdict.encode_many(decoded) == data
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
                     max_leaves=12)

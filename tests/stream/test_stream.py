@@ -20,6 +20,17 @@ from tests.conftest import free_tcp_port_block
 from tests.producer import ImageProducer, expected_image
 
 
+class Wrapped:
+    """A socket with some methods replaced, the rest its own."""
+
+    def __init__(self, socket, **methods):
+        self._socket = socket
+        self.__dict__.update(methods)
+
+    def __getattr__(self, name):
+        return getattr(self._socket, name)
+
+
 def poll_until(services, condition, timeout_s=10.0):
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -134,7 +145,7 @@ def test_an_image_overwritten_on_its_way_is_dropped_by_the_replica_and_counted_o
         encoded = sender.sub.recv()
         # The sender's two steps one by one, so that the assembler comes round to the slot in between:
         # the image is queued (its bytes are read from the slot later), then its slot is rewritten.
-        sender._on_image(encoded)
+        sender._on_images([encoded])
         producer.images.begin_image(image_id + source.image_buffer_slots)
         poll_until([sender, receiver], lambda: receiver.counters.torn_images == 1)
         assert sender.counters.images_lost == 1 and sender.counters.images_sent == 0
@@ -163,6 +174,75 @@ def test_a_stopping_sender_still_sends_the_verdicts_of_the_images_on_their_way(s
         sender.stop()
         assert not sender.on_the_way and not sender.verdicts
         poll_until([receiver], lambda: receiver.counters.images == 3)
+    finally:
+        for thing in (sender, receiver, producer):
+            thing.close()
+
+
+def test_a_batch_of_images_is_tracked_by_markers_and_verdicted_in_one_message(make_config):
+    port = free_tcp_port_block(1)
+    _, source = make_config(image_buffer_slots=32, stream_send={"to": f"tcp://127.0.0.1:{port}", "queue_images": 16})
+    _, replica = make_config(namespace="replica", image_buffer_slots=32,
+                             stream_recv={"bind": f"tcp://127.0.0.1:{port}", "queue_images": 16})
+    producer = ImageProducer(source)
+    sender = StreamSender(source, SenderSettings(source))
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    replica_images = ImageBuffer.for_config(replica, create=False)
+    try:
+        time.sleep(0.3)
+        for _ in range(10):
+            producer.publish()
+        verdict_messages, tracked, real_send = [], [], sender.data.send
+
+        def send(data, flags=0, copy=True, track=False):
+            if isinstance(data, bytes) and not flags & zmq.SNDMORE:
+                verdict_messages.append(Verdict.decode_many(data))
+            if isinstance(data, zmq.Frame) and data.tracker is not None:
+                tracked.append(sender.n_queued)
+            return real_send(data, flags, copy=copy, track=track)
+
+        sender.data = Wrapped(sender.data, send=send)
+        time.sleep(0.2)  # all ten metadata messages wait for the sender: one batch
+        sender.poll(0)
+        # Tracked: the 8th image (at least every 8th) and the 10th (the last of the batch); the others went
+        # out as the frames made once per slot.
+        assert sender.n_queued == 10 and tracked == [8, 10]
+        poll_until([sender, receiver], lambda: receiver.counters.images == 10)
+        assert [v.image_id for message in verdict_messages for v in message] == list(range(1, 11))
+        assert len(verdict_messages) <= 2  # one per marker released, at most
+        for image_id in range(1, 11):
+            assert np.array_equal(replica_images.image_view(image_id, "<u2", replica.image_shape),
+                                  expected_image(replica, image_id))
+    finally:
+        for thing in (replica_images, sender, receiver, producer):
+            thing.close()
+
+
+def test_images_left_without_a_marker_by_a_failed_send_get_one(source_and_replica):
+    source, replica, _ = source_and_replica
+    producer = ImageProducer(source)
+    sender = StreamSender(source, SenderSettings(source))
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    real_send, headers = sender.data.send, []
+
+    def send(data, flags=0, copy=True, track=False):  # the second image's header meets the high-water mark
+        if flags & zmq.SNDMORE:
+            headers.append(data)
+            if len(headers) == 2:
+                raise zmq.Again()
+        return real_send(data, flags, copy=copy, track=track)
+
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            producer.publish()
+        time.sleep(0.2)  # one batch of three
+        sender.data = Wrapped(sender.data, send=send)
+        sender.poll(0)
+        assert sender.counters.images_dropped == 2 and sender.n_queued == 1
+        assert [upto for upto, _ in sender.markers] == [1]  # the empty verdict message sent as its marker
+        poll_until([sender, receiver], lambda: receiver.counters.images == 1)
+        assert receiver.counters.bad_messages == 0 and receiver.counters.last_image_id == 1
     finally:
         for thing in (sender, receiver, producer):
             thing.close()
@@ -245,6 +325,27 @@ def test_the_replica_counts_and_drops_messages_that_are_not_its_images(source_an
     finally:
         push.close()
         sub.close()
+        receiver.close()
+
+
+def test_one_verdict_message_confirms_several_images_and_an_empty_one_none(source_and_replica):
+    _, replica, port = source_and_replica
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    push = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=100)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        time.sleep(0.3)
+        for image_id in (5, 6, 7):
+            push.send_multipart([ImageMetadata(image_id, *replica.image_shape, user_1=image_id).encode(),
+                                 expected_image(replica, image_id).tobytes()])
+        push.send(b"")  # no verdicts: nothing to do
+        push.send(Verdict.encode_many([Verdict(5, True), Verdict(6, False), Verdict(7, True)]))
+        poll_until([receiver], lambda: receiver.counters.images == 2)
+        r = receiver.counters
+        assert (r.torn_images, r.bad_messages, r.sequence_gaps, r.unconfirmed_images) == (1, 0, 0, 0)
+        assert r.last_image_id == 7
+    finally:
+        push.close()
         receiver.close()
 
 
