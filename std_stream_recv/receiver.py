@@ -86,9 +86,9 @@ class StreamReceiver:
         self.image_bytes = config.image_bytes  # a property that computes: not for every image
         self.sequence = 0  # the last sequence number given out (published, or skipped for a lost image)
         self.last_source_sequence: int | None = None
-        # Images received into their slot and waiting for their verdict, by slot: (id, ImageMetadata as
-        # published, bytes).
-        self.unconfirmed: dict[int, tuple[int, ImageMetadata, int]] = {}
+        # Images received into their slot and waiting for their verdict, by slot: (id, the ImageMetadata to
+        # commit and publish, encoded, bytes).
+        self.unconfirmed: dict[int, tuple[int, bytes, int]] = {}
         self.counters = Counters("images", "bytes", "sequence_gaps", "torn_images", "bad_messages",
                                  "unconfirmed_images", "source_restarts", "last_image_id", "sequence")
         log.info("replica of %s %s images: from %s into %s", config.image_dtype, config.image_shape,
@@ -158,8 +158,8 @@ class StreamReceiver:
         if n != expected or n > data.nbytes or self.pull.getsockopt(zmq.RCVMORE):
             self._drop(f"image {image_id}: {n} bytes, expected {expected}")
             return  # the slot stays marked invalid: nobody reads it as image image_id
-        self.unconfirmed[slot] = (image_id, ImageMetadata(image_id, height, width, dtype, encoding, source_id, status,
-                                                          sequence, user_2, version), n)
+        self.unconfirmed[slot] = (image_id, ImageMetadata.STRUCT.pack(version, image_id, height, width, dtype, encoding,
+                                                                      source_id, status, sequence, user_2), n)
 
     def _on_foreign_image(self, head: bytes, more: int) -> None:
         """A message that is not an image header of this replica's shape and type: dropped and counted
@@ -191,13 +191,13 @@ class StreamReceiver:
         if waiting is None or waiting[0] != image_id:
             return  # an image we never got (dropped on the way, or bad): counted as such
         del self.unconfirmed[slot]
-        _, meta, n = waiting
+        _, encoded, n = waiting
         c = self.counters
         if not intact:
             c.torn_images += 1  # the source slot was overwritten while being sent: its slot stays invalid
             return
-        self.images.commit_image(meta)
-        self.pub.send(meta.encode())
+        self.images.commit_encoded(encoded)
+        self.pub.send(encoded)
         c.images += 1
         c.bytes += n
         c.last_image_id = image_id

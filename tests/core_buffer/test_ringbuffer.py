@@ -112,6 +112,20 @@ def test_a_copy_overwritten_while_it_is_read_is_reported_lost(make_config):
         assert info.value.found_id == INVALID_ID
 
 
+def test_a_commit_stores_every_field_and_the_id_and_an_encoded_one_the_same(make_config):
+    _, config = make_config(image_buffer_slots=4)
+    with ImageBuffer.for_config(config) as buf:
+        meta = ImageMetadata(id=2**40 + 6, height=512, width=1024, status=2, user_1=77, user_2=9)
+        buf.begin_image(meta.id)
+        buf.commit_image(meta)
+        assert buf.read_meta(meta.id) == meta
+        other = ImageMetadata(id=meta.id + 4, height=512, width=1024, encoding=1, source_id=3, user_1=78)
+        buf.commit_encoded(other.encode())  # the same slot, without begin_image
+        assert buf.read_meta(other.id) == other and not buf.still_holds(meta.id)
+        with pytest.raises(ValueError, match="56 B, got 55"):
+            buf.commit_encoded(other.encode()[:-1])
+
+
 def test_attaching_with_another_layout_names_both_layouts(make_config):
     path, config = make_config(frame_buffer_slots=8)
     with FrameBuffer.for_config(config):
