@@ -245,7 +245,7 @@ class RingBuffer:
         return self._data[slot, module * size:(module + 1) * size]
 
     def slot_id(self, slot: int, module: int = 0) -> int:
-        return int(self._metas[slot, module]["id"])
+        return int(self._ids[slot, module])
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -366,7 +366,7 @@ class ImageBuffer(RingBuffer):
         return meta
 
     def still_holds(self, image_id: int) -> bool:
-        return self.slot_id(self.slot_of(image_id)) == image_id
+        return int(self._ids[image_id % self.layout.n_slots, 0]) == image_id  # twice per image in a sender
 
     def raw_bytes(self, image_id: int, nbytes: int) -> np.ndarray:
         """Zero-copy uint8 view of the first `nbytes` of the slot of `image_id` (no id check: callers
