@@ -15,8 +15,9 @@ image into the message first, cost a second full copy per image (about half the 
 How the sender knows that ZMQ let go of an image's bytes: ZMQ's I/O thread takes the messages of the one
 connection in order and lets go of each before it starts on the next, so once a message is released, so
 are all queued before it. Only some images are tracked (markers: the last image of each batch taken from
-the assembler's stream, and at least every MARK_EVERY-th); the others go out as a zero-copy frame made
-once per slot at start. Why: pyzmq releases each zero-copy frame it makes through its garbage-collector
+the assembler's stream, and at least every `queue_images // 2`-th, so that the first half of a full queue
+is released while the second half goes out); the others go out as a zero-copy frame made once per slot
+at start. Why: pyzmq releases each zero-copy frame it makes through its garbage-collector
 thread (ZMQ's I/O thread sends it a message, and it is a Python thread woken per frame), and a tracker
 adds a threading.Event per frame. Tracking every image, the sender spent ~254 us of CPU per 1 MiB image
 in benchmarks/stream.py; with markers ~196 us.
@@ -57,9 +58,6 @@ VERDICT_ROOM = 4096
 # While images are on their way, look at their trackers at least this often (the replica publishes an
 # image only after its verdict, so this bounds the added latency).
 TRACKER_POLL_S = 0.001
-# Track at least every this many images (each tracked image costs a wake of pyzmq's garbage-collector
-# thread; the others wait for the next tracked one to be released).
-MARK_EVERY = 8
 STOP_WAIT_S = 1.0  # on stop, how long images on their way may take to leave and get their verdict
 HEADER_FLAGS = int(zmq.NOBLOCK | zmq.SNDMORE)  # once: or-ing the enum flags is a Python call per image
 VERDICT = Verdict.STRUCT  # packed straight in the hot path: Verdict(...).encode() per image costs more
@@ -124,6 +122,9 @@ class StreamSender:
         # one is released, ZMQ is done with those images too (see the module docstring).
         self.markers: collections.deque[tuple[int, zmq.MessageTracker]] = collections.deque()
         self.n_queued = self.n_released = self.n_marked = 0  # images queued, verdicted, covered by a marker
+        # Each marker costs the collector thread a wake, and its release a verdict message: as few as keep
+        # the queue moving (per 1 MiB image, every 8th image cost ~8 us more than every 16th or 32nd).
+        self.mark_every = max(1, settings.queue_images // 2)
         # One zero-copy frame per slot, for the whole slot, made once: sending it makes no new frame
         # (pyzmq only adds a reference to it), so nothing per image goes through pyzmq's collector thread.
         self.slot_frames: list[zmq.Frame] = []
@@ -223,7 +224,7 @@ class StreamSender:
             # per message). Zero-copy: the slot stays in use until a marker behind it is released.
             self.n_queued += 1
             self.on_the_way.append((image_id, n))
-            if i < last and n == self.image_bytes and self.n_queued - self.n_marked < MARK_EVERY:
+            if i < last and n == self.image_bytes and self.n_queued - self.n_marked < self.mark_every:
                 self.data.send(self.slot_frames[self.images.slot_of(image_id)], copy=False)
             else:
                 self._send_marker(self.images.raw_bytes(image_id, n), 0)
