@@ -18,9 +18,15 @@ are all queued before it. Only some images are tracked (markers: the last image 
 the assembler's stream, and at least every `queue_images // 2`-th, so that the first half of a full queue
 is released while the second half goes out); the others go out as a zero-copy frame made once per slot
 at start. Why: pyzmq releases each zero-copy frame it makes through its garbage-collector
-thread (ZMQ's I/O thread sends it a message, and it is a Python thread woken per frame), and a tracker
-adds a threading.Event per frame. Tracking every image, the sender spent ~254 us of CPU per 1 MiB image
-in benchmarks/stream.py; with markers ~196 us.
+thread (ZMQ's I/O thread sends it a message, and it is a Python thread woken per frame). Tracking every
+image with pyzmq's MessageTracker, the sender spent ~254 us of CPU per 1 MiB image in
+benchmarks/stream.py; with markers ~196 us.
+
+A marker is tracked by a weak reference to its data (a numpy view): pyzmq keeps the object of a zero-copy
+frame alive until ZMQ has let go of it, so the reference dies exactly when a tracker would say "done".
+Its callback (in pyzmq's collector thread, or here) wakes poll() through an eventfd, so the verdicts go
+out as soon as they are known and poll() needs no timer while images are on their way (a 1 ms timer woke
+the sender some 0.2 times per image, each wake ~35 us of CPU on the 2-core VM, and delayed verdicts).
 
 At most `queue_images` images are waiting to be sent; beyond that (a slow or absent replica) an image is
 dropped and counted: the sender never waits, so it can never hold back the assembler.
@@ -34,8 +40,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import struct
+import threading
 import time
+import weakref
 from typing import Mapping
 
 import numpy as np
@@ -55,9 +64,8 @@ LIVE_HWM = 2  # header + image of one preview image
 # The replica socket's high-water mark is the image queue plus room for verdicts: a verdict is queued only
 # for an image that has left the queue, so verdicts need room only while the kernel buffers are full.
 VERDICT_ROOM = 4096
-# While images are on their way, look at their trackers at least this often (the replica publishes an
-# image only after its verdict, so this bounds the added latency).
-TRACKER_POLL_S = 0.001
+# While a send waits for room at the high-water mark, try again this often.
+RETRY_S = 0.001
 STOP_WAIT_S = 1.0  # on stop, how long images on their way may take to leave and get their verdict
 HEADER_FLAGS = int(zmq.NOBLOCK | zmq.SNDMORE)  # once: or-ing the enum flags is a Python call per image
 VERDICT = Verdict.STRUCT  # packed straight in the hot path: Verdict(...).encode() per image costs more
@@ -118,9 +126,16 @@ class StreamSender:
             self.data.connect(settings.to)
         # Images whose bytes ZMQ may still read from their slot, oldest first: (id, bytes).
         self.on_the_way: collections.deque[tuple[int, int]] = collections.deque()
-        # Tracked messages on their way, oldest first: (images queued up to and including it, tracker). Once
-        # one is released, ZMQ is done with those images too (see the module docstring).
-        self.markers: collections.deque[tuple[int, zmq.MessageTracker]] = collections.deque()
+        # Markers on their way, oldest first: (images queued up to and including it, weak reference to its
+        # data). Once one is released (the reference dead), ZMQ is done with those images too.
+        self.markers: collections.deque[tuple[int, weakref.ref]] = collections.deque()
+        # Written by a marker's weak-reference callback, polled with the assembler's stream. The lock keeps
+        # close() from closing it under a callback in pyzmq's collector thread.
+        self.wake_fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_lock = threading.Lock()
+        self.poller = zmq.Poller()
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.poller.register(self.wake_fd, zmq.POLLIN)
         self.n_queued = self.n_released = self.n_marked = 0  # images queued, verdicted, covered by a marker
         # Each marker costs the collector thread a wake, and its release a verdict message: as few as keep
         # the queue moving (per 1 MiB image, every 8th image cost ~8 us more than every 16th or 32nd).
@@ -148,9 +163,15 @@ class StreamSender:
                  f"on {settings.live}" if settings.live else "off")
 
     def poll(self, timeout_s: float) -> None:
-        if self.on_the_way or self.verdicts:
-            timeout_s = min(timeout_s, TRACKER_POLL_S)
-        if self.sub.poll(timeout_s * 1000):
+        if self.verdicts or self.n_marked < self.n_queued:
+            timeout_s = min(timeout_s, RETRY_S)  # sends refused at the high-water mark wait to be retried
+        ready = dict(self.poller.poll(timeout_s * 1000))
+        if self.wake_fd in ready:
+            try:
+                os.eventfd_read(self.wake_fd)
+            except BlockingIOError:
+                pass
+        if self.sub in ready:
             messages = []
             for _ in range(1000):
                 try:
@@ -229,20 +250,24 @@ class StreamSender:
             else:
                 self._send_marker(self.images.raw_bytes(image_id, n), 0)
 
-    def _send_marker(self, data: np.ndarray | bytes, flags: int) -> None:
-        """Send `data` as a tracked zero-copy frame (made here: pyzmq's send would copy a small one, and a
-        copied frame counts as released at once), a marker for all images queued so far."""
-        frame = zmq.Frame(data, copy=False, track=True)
-        self.data.send(frame, flags, copy=False)
-        self.markers.append((self.n_queued, frame.tracker))
+    def _send_marker(self, data: np.ndarray, flags: int) -> None:
+        """Send `data` (an object of its own: nothing else may keep it alive) as a zero-copy frame, a marker
+        for all images queued so far. The frame is made here: pyzmq's send would copy a small one."""
+        self.data.send(zmq.Frame(data, copy=False), flags, copy=False)
+        self.markers.append((self.n_queued, weakref.ref(data, self._marker_released)))
         self.n_marked = self.n_queued
+
+    def _marker_released(self, _ref: weakref.ref) -> None:
+        with self.wake_lock:
+            if self.wake_fd is not None:
+                os.eventfd_write(self.wake_fd, 1)
 
     def _send_verdicts(self) -> None:
         """The verdicts, in order, of the images whose bytes ZMQ has finished reading from their slot: all
         that are known at this moment go in one message."""
         c = self.counters
         released = []
-        while self.markers and self.markers[0][1].done:
+        while self.markers and self.markers[0][1]() is None:
             upto, _ = self.markers.popleft()
             for _ in range(upto - self.n_released):
                 image_id, n = self.on_the_way.popleft()
@@ -266,7 +291,7 @@ class StreamSender:
             # Only after a send failed at the high-water mark: the images queued last have no marker behind
             # them, so send one, an empty verdict message (the replica finds no verdict in it).
             try:
-                self._send_marker(b"", zmq.NOBLOCK)
+                self._send_marker(np.empty(0, np.uint8), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the next poll tries again
 
@@ -301,7 +326,7 @@ class StreamSender:
         deadline = time.monotonic() + STOP_WAIT_S
         while (self.on_the_way or self.verdicts) and time.monotonic() < deadline:
             self._send_verdicts()
-            time.sleep(TRACKER_POLL_S)
+            time.sleep(RETRY_S)
 
     def close(self) -> None:
         self.sub.close()
@@ -312,6 +337,9 @@ class StreamSender:
         self.on_the_way.clear()
         self.markers.clear()
         self.slot_frames.clear()  # pyzmq lets go of the slots once ZMQ has (the socket is closed above)
+        with self.wake_lock:
+            os.close(self.wake_fd)
+            self.wake_fd = None
         self.images.close()
 
     def stats(self) -> Mapping[str, int]:

@@ -197,8 +197,8 @@ def test_a_batch_of_images_is_tracked_by_markers_and_verdicted_in_one_message(ma
         def send(data, flags=0, copy=True, track=False):
             if isinstance(data, bytes) and not flags & zmq.SNDMORE:
                 verdict_messages.append(Verdict.decode_many(data))
-            if isinstance(data, zmq.Frame) and data.tracker is not None:
-                tracked.append(sender.n_queued)
+            if isinstance(data, zmq.Frame) and not any(data is frame for frame in sender.slot_frames):
+                tracked.append(sender.n_queued)  # a marker: a frame of its own
             return real_send(data, flags, copy=copy, track=track)
 
         sender.data = Wrapped(sender.data, send=send)
@@ -215,6 +215,26 @@ def test_a_batch_of_images_is_tracked_by_markers_and_verdicted_in_one_message(ma
                                   expected_image(replica, image_id))
     finally:
         for thing in (replica_images, sender, receiver, producer):
+            thing.close()
+
+
+def test_a_released_marker_wakes_the_sender_at_once(source_and_replica):
+    source, replica, _ = source_and_replica
+    producer = ImageProducer(source)
+    sender = StreamSender(source, SenderSettings(source))
+    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    try:
+        time.sleep(0.3)
+        producer.publish()
+        poll_until([sender], lambda: sender.n_queued == 1)
+        started = time.monotonic()
+        while sender.on_the_way:
+            sender.poll(5.0)  # no timer: only the marker's release can end this wait early
+        assert time.monotonic() - started < 2.0
+        assert sender.counters.images_sent == 1
+        poll_until([receiver], lambda: receiver.counters.images == 1)
+    finally:
+        for thing in (sender, receiver, producer):
             thing.close()
 
 
