@@ -130,9 +130,10 @@ class StreamSender:
         # data). Once one is released (the reference dead), ZMQ is done with those images too.
         self.markers: collections.deque[tuple[int, weakref.ref]] = collections.deque()
         # Written by a marker's weak-reference callback, polled with the assembler's stream. The lock keeps
-        # close() from closing it under a callback in pyzmq's collector thread.
+        # close() from closing it under a callback in pyzmq's collector thread; re-entrant, because the
+        # callback runs in whichever thread drops the last reference, this one included.
         self.wake_fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.wake_lock = threading.Lock()
+        self.wake_lock = threading.RLock()
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.poller.register(self.wake_fd, zmq.POLLIN)
