@@ -19,11 +19,15 @@ tracker is the services' work), and the image is received into a preallocated bu
   has. This is the issue's "bare ZMQ sends of the same bytes", and the fair reference: the services, too,
   stream 128 slots (128 MiB at 1 MiB, 512 MiB at 4 MiB) through memory on each side, so every image is
   read from and written to memory that is cold in the CPU caches.
+- "bare zmq same bytes from slot frames" (secondary): the same, but the image frames are made once per
+  slot and sent again (as std_stream_send sends all but its marker images) instead of a new zero-copy
+  frame per message, which pyzmq makes known to its garbage-collector thread (a wake of that Python
+  thread per message). It shows what that pyzmq cost is worth to bare ZMQ itself.
 - "bare zmq one hot buffer" (secondary): one 1-frame buffer sent again and again and received into one
   buffer. Both buffers stay in the caches, which a stream through ring buffers of that size never has;
   it shows what TCP loopback itself can do on this machine, and is not the target's reference.
 The machine is shared, so the measurements alternate in short rounds (replication, one hot buffer, same
-bytes, again) and each figure is the median over the rounds. Alongside: CPU time per image (or message)
+bytes, same bytes from slot frames, again) and each figure is the median over the rounds. Alongside: CPU time per image (or message)
 of each process, and the load other processes put on the machine meanwhile (figures taken under load are
 noise). One figure per line: name, size, value, unit.
 """
@@ -63,6 +67,7 @@ ROUND = struct.Struct("<qq")  # bare receiver control message: messages in the r
 # What each line of the output is about.
 REPLICATION = "replication"
 SAME_BYTES = "bare zmq same bytes"  # the headline reference: header + image from the source slots in turn
+SLOT_FRAMES = "bare zmq same bytes from slot frames"  # secondary: the same, from frames made once per slot
 ONE_HOT_BUFFER = "bare zmq one hot buffer"  # secondary: one buffer, in the caches
 
 BARE_RECEIVER = """
@@ -255,14 +260,18 @@ class BareZmq:
         self.push.connect(address)
         self.one = np.random.default_rng(0).integers(0, 255, self.nbytes, dtype=np.uint8)
         self.header = ImageMetadata(1, *config.image_shape).encode()
+        self.slot_frames = [zmq.Frame(source.slot_data(slot)[:self.nbytes], copy=False) for slot in range(SLOTS)]
 
-    def round(self, n: int, same_slots: bool) -> float:
+    def round(self, n: int, kind: str) -> float:
         """Messages per second, from the first one received to the last."""
-        self.push.send(ROUND.pack(n, same_slots))
+        self.push.send(ROUND.pack(n, kind != ONE_HOT_BUFFER))
         for i in range(n):
-            if same_slots:
+            if kind == SAME_BYTES:
                 self.push.send(self.header, zmq.SNDMORE)
                 self.push.send(self.source.slot_data(i % SLOTS)[:self.nbytes], copy=False)
+            elif kind == SLOT_FRAMES:
+                self.push.send(self.header, zmq.SNDMORE)
+                self.push.send(self.slot_frames[i % SLOTS], copy=False)
             else:
                 self.push.send(self.one, copy=False)
         return (n - 1) / float(self.proc.stdout.readline())
@@ -271,6 +280,7 @@ class BareZmq:
         self.push.send(ROUND.pack(0, 0))
         self.proc.wait(10)
         self.push.close()
+        self.slot_frames.clear()
 
 
 def measure(workdir: str, label: str, modules: int, args: argparse.Namespace) -> None:
@@ -280,22 +290,22 @@ def measure(workdir: str, label: str, modules: int, args: argparse.Namespace) ->
     try:
         bare = BareZmq(replication.images, replication.configs[0])
         replication.round(0.3)  # warm up: connections, first touches
-        estimate = bare.round(200, False)
+        estimate = bare.round(200, ONE_HOT_BUFFER)
         rates: dict[str, list[float]] = defaultdict(list)
         pids = {"std_stream_send": replication.procs["std_stream_send"].pid,
                 "std_stream_recv": replication.procs["std_stream_recv"].pid,
                 "this process": os.getpid(), "bare receiver": bare.proc.pid}
-        meters = {kind: CpuMeter(pids) for kind in (REPLICATION, SAME_BYTES, ONE_HOT_BUFFER)}
+        meters = {kind: CpuMeter(pids) for kind in (REPLICATION, SAME_BYTES, SLOT_FRAMES, ONE_HOT_BUFFER)}
         counts: dict[str, int] = defaultdict(int)  # images or messages moved while the meters ran
         for _ in range(args.rounds):
             with meters[REPLICATION]:
                 before = replication.n_seen
                 rates[REPLICATION].append(replication.round(args.round_seconds))
             counts[REPLICATION] += replication.n_seen - before
-            for kind, same_slots in ((ONE_HOT_BUFFER, False), (SAME_BYTES, True)):
+            for kind in (ONE_HOT_BUFFER, SAME_BYTES, SLOT_FRAMES):
                 n = max(100, int(estimate * args.round_seconds))
                 with meters[kind]:
-                    rate = bare.round(n, same_slots)
+                    rate = bare.round(n, kind)
                 rates[kind].append(rate)
                 counts[kind] += n
                 estimate = rate
@@ -307,7 +317,7 @@ def measure(workdir: str, label: str, modules: int, args: argparse.Namespace) ->
     median = {kind: statistics.median(values) for kind, values in rates.items()}
     print(f"{REPLICATION} {label}: {median[REPLICATION]:.0f} images/s")
     print(f"{REPLICATION} {label}: {median[REPLICATION] * nbytes / 1e9:.2f} GB/s")
-    for kind in (SAME_BYTES, ONE_HOT_BUFFER):  # the headline reference first
+    for kind in (SAME_BYTES, SLOT_FRAMES, ONE_HOT_BUFFER):  # the headline reference first
         print(f"{kind} {label}: {median[kind]:.0f} messages/s")
         print(f"{kind} {label}: {median[kind] * nbytes / 1e9:.2f} GB/s")
         print(f"ratio {REPLICATION}/{kind} {label}: {median[REPLICATION] / median[kind]:.2f}")
@@ -315,6 +325,7 @@ def measure(workdir: str, label: str, modules: int, args: argparse.Namespace) ->
     roles = {REPLICATION: {"std_stream_send": "std_stream_send", "std_stream_recv": "std_stream_recv",
                            "this process": "std_assembler stand-in"},
              SAME_BYTES: {"this process": "bare sender", "bare receiver": "bare receiver"},
+             SLOT_FRAMES: {"this process": "bare sender", "bare receiver": "bare receiver"},
              ONE_HOT_BUFFER: {"this process": "bare sender", "bare receiver": "bare receiver"}}
     for kind, names in roles.items():
         unit = "image" if kind == REPLICATION else "message"
