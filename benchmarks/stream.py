@@ -331,7 +331,8 @@ def measure(workdir: str, label: str, modules: int, args: argparse.Namespace) ->
         unit = "image" if kind == REPLICATION else "message"
         for name, role in names.items():
             print(f"cpu per {unit} {kind} {label} {role}: {meters[kind].used[name] / counts[kind] * 1e6:.0f} us")
-    others = sum(m.others for m in meters.values()) / sum(m.wall for m in meters.values())
+    # Clamped at 0: the estimate (machine CPU time minus ours) can come out a hair below on an idle machine.
+    others = max(0.0, sum(m.others for m in meters.values()) / sum(m.wall for m in meters.values()))
     print(f"other processes' load during {label}: {others * 100:.0f} % of one core")
 
 
