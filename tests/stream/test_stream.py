@@ -39,6 +39,38 @@ def poll_until(services, condition, timeout_s=10.0):
             s.poll(0.005)
 
 
+class Replication:
+    """std_assembler's stand-in (a producer), a sender and a receiver between two ImageBuffers, a consumer
+    of the replica's ImageMetadata stream and a view of the replica's buffer; connected once made."""
+
+    def __init__(self, source, replica, **producer_options):
+        self.producer = ImageProducer(source, **producer_options)
+        self.sender = StreamSender(source, SenderSettings(source))
+        self.receiver = StreamReceiver(replica, ReceiverSettings(replica))
+        self.sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
+        self.sub.connect(image_metadata_address(replica))
+        self.replica_images = ImageBuffer.for_config(replica, create=False)
+        time.sleep(0.3)  # connections up before the first image
+
+    def close(self):
+        for thing in (self.sub, self.replica_images, self.sender, self.receiver, self.producer):
+            thing.close()
+
+
+@pytest.fixture
+def replicate():
+    """Makes Replications; closes them at the end of the test."""
+    made = []
+
+    def make(source, replica, **producer_options):
+        made.append(Replication(source, replica, **producer_options))
+        return made[-1]
+
+    yield make
+    for replication in made:
+        replication.close()
+
+
 @pytest.fixture
 def source_and_replica(make_config):
     """Configs of the detector-side and the replica-side buffers (same detector, their own namespaces)."""
@@ -49,200 +81,150 @@ def source_and_replica(make_config):
     return source, replica, port
 
 
-def test_replica_images_equal_the_originals_and_are_published_with_a_consecutive_sequence(source_and_replica):
+def test_replica_images_equal_the_originals_and_are_published_with_a_consecutive_sequence(source_and_replica,
+                                                                                           replicate):
     source, replica, _ = source_and_replica
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
-    sub.connect(image_metadata_address(replica))
-    replica_images = ImageBuffer.for_config(replica, create=False)
-    try:
-        time.sleep(0.3)  # connections up before the first image
-        published = []
-        for _ in range(10):
-            published.append(producer.publish())
-            poll_until([sender, receiver], lambda: receiver.counters.images == len(published))
-        metas = [ImageMetadata.decode(sub.recv()) for _ in published]
-        assert [m.id for m in metas] == published
-        assert [m.user_1 for m in metas] == list(range(1, 11))
-        for m in metas[-8:]:  # what the 16-slot replica buffer still holds
-            image = replica_images.image_view(m.id, "<u2", replica.image_shape)
-            assert np.array_equal(image, expected_image(replica, m.id))
-        assert receiver.counters.sequence_gaps == sender.counters.images_dropped == 0
-    finally:
-        for thing in (sub, replica_images, sender, receiver, producer):
-            thing.close()
+    rep = replicate(source, replica)
+    producer, sender, receiver, sub = rep.producer, rep.sender, rep.receiver, rep.sub
+    replica_images = rep.replica_images
+    published = []
+    for _ in range(10):
+        published.append(producer.publish())
+        poll_until([sender, receiver], lambda: receiver.counters.images == len(published))
+    metas = [ImageMetadata.decode(sub.recv()) for _ in published]
+    assert [m.id for m in metas] == published
+    assert [m.user_1 for m in metas] == list(range(1, 11))
+    for m in metas[-8:]:  # what the 16-slot replica buffer still holds
+        image = replica_images.image_view(m.id, "<u2", replica.image_shape)
+        assert np.array_equal(image, expected_image(replica, m.id))
+    assert receiver.counters.sequence_gaps == sender.counters.images_dropped == 0
 
 
-def test_a_slow_replica_makes_the_sender_drop_and_count_never_stall(source_and_replica):
+def test_a_slow_replica_makes_the_sender_drop_and_count_never_stall(source_and_replica, replicate):
     source, replica, _ = source_and_replica
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))  # not polled: a replica that stopped reading
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
-    sub.connect(image_metadata_address(replica))
-    try:
-        time.sleep(0.3)
-        for _ in range(200):
-            producer.publish()
-            poll_until([sender], lambda: sender.counters.images == producer.next_id - 1)
-        c = sender.counters
-        assert c.images_dropped > 100
-        # The replica reads again: what was on its way arrives, each image either sent or, if the ring
-        # buffer came round to its slot while it waited, lost and dropped by the replica (which counts it
-        # as torn or, when a later image needed its slot before the verdict came, as unconfirmed).
-        r = receiver.counters
-        poll_until([sender, receiver], lambda: not sender.on_the_way and c.images_sent == r.images
-                   and c.images_lost == r.torn_images + r.unconfirmed_images)
-        assert c.images_sent + c.images_dropped + c.images_lost == 200
+    rep = replicate(source, replica)
+    producer, sender, receiver, sub = rep.producer, rep.sender, rep.receiver, rep.sub
+    # The receiver is not polled at first: a replica that stopped reading.
+    for _ in range(200):
         producer.publish()
-        poll_until([sender, receiver], lambda: receiver.counters.last_image_id == 201)
-        assert r.sequence_gaps == c.images_dropped and r.images == c.images_sent
-        # Downstream, the replica's sequence has a gap wherever an image went missing on the way: it
-        # advanced exactly as the source's (here the image ids) did.
-        published = [ImageMetadata.decode(sub.recv()) for _ in range(r.images)]
-        assert [m.user_1 - published[0].user_1 for m in published] == [m.id - published[0].id for m in published]
-    finally:
-        for thing in (sub, sender, receiver, producer):
-            thing.close()
+        poll_until([sender], lambda: sender.counters.images == producer.next_id - 1)
+    c = sender.counters
+    assert c.images_dropped > 100
+    # The replica reads again: what was on its way arrives, each image either sent or, if the ring
+    # buffer came round to its slot while it waited, lost and dropped by the replica (which counts it
+    # as torn or, when a later image needed its slot before the verdict came, as unconfirmed).
+    r = receiver.counters
+    poll_until([sender, receiver], lambda: not sender.on_the_way and c.images_sent == r.images
+               and c.images_lost == r.torn_images + r.unconfirmed_images)
+    assert c.images_sent + c.images_dropped + c.images_lost == 200
+    producer.publish()
+    poll_until([sender, receiver], lambda: receiver.counters.last_image_id == 201)
+    assert r.sequence_gaps == c.images_dropped and r.images == c.images_sent
+    # Downstream, the replica's sequence has a gap wherever an image went missing on the way: it
+    # advanced exactly as the source's (here the image ids) did.
+    published = [ImageMetadata.decode(sub.recv()) for _ in range(r.images)]
+    assert [m.user_1 - published[0].user_1 for m in published] == [m.id - published[0].id for m in published]
 
 
-def test_the_replica_sequence_advances_by_the_source_gaps_so_consumers_there_count_them(source_and_replica):
+def test_the_replica_sequence_advances_by_the_source_gaps_so_consumers_there_count_them(source_and_replica, replicate):
     source, replica, _ = source_and_replica
-    producer = ImageProducer(source, skip_sequence_every=3)  # as if every third message had been missed
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
-    sub.connect(image_metadata_address(replica))
-    try:
-        time.sleep(0.3)
-        for _ in range(9):
-            producer.publish()
-            poll_until([sender, receiver], lambda: receiver.counters.last_image_id == producer.next_id - 1)
-        metas = [ImageMetadata.decode(sub.recv()) for _ in range(9)]
-        assert [m.id for m in metas] == list(range(1, 10))
-        steps = [b.user_1 - a.user_1 for a, b in zip(metas, metas[1:])]
-        assert steps == [1, 2, 1, 1, 2, 1, 1, 2]  # the source skipped a number before images 3, 6 and 9
-        assert receiver.counters.sequence_gaps == sender.counters.images_missed == 3
-        assert receiver.counters.torn_images == receiver.counters.bad_messages == 0
-    finally:
-        for thing in (sub, sender, receiver, producer):
-            thing.close()
-
-
-def test_an_image_overwritten_on_its_way_is_dropped_by_the_replica_and_counted_once(source_and_replica):
-    source, replica, _ = source_and_replica
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
-    sub.connect(image_metadata_address(replica))
-    try:
-        time.sleep(0.3)
-        image_id = producer.publish()
-        assert sender.sub.poll(5000)
-        encoded = sender.sub.recv()
-        # The sender's two steps one by one, so that the assembler comes round to the slot in between:
-        # the image is queued (its bytes are read from the slot later), then its slot is rewritten.
-        sender._on_images([encoded])
-        producer.images.begin_image(image_id + source.image_buffer_slots)
-        poll_until([sender, receiver], lambda: receiver.counters.torn_images == 1)
-        assert sender.counters.images_lost == 1 and sender.counters.images_sent == 0
+    rep = replicate(source, replica, skip_sequence_every=3)  # as if every third message had been missed
+    producer, sender, receiver, sub = rep.producer, rep.sender, rep.receiver, rep.sub
+    for _ in range(9):
         producer.publish()
-        poll_until([sender, receiver], lambda: receiver.counters.images == 1)
-        r = receiver.counters
-        assert (r.torn_images, r.sequence_gaps, r.bad_messages, r.unconfirmed_images) == (1, 0, 0, 0)
-        only = ImageMetadata.decode(sub.recv())
-        assert (only.id, only.user_1) == (image_id + 1, 2)  # a consumer of the replica sees one missing
-        assert not sub.poll(100)
-    finally:
-        for thing in (sub, sender, receiver, producer):
-            thing.close()
+        poll_until([sender, receiver], lambda: receiver.counters.last_image_id == producer.next_id - 1)
+    metas = [ImageMetadata.decode(sub.recv()) for _ in range(9)]
+    assert [m.id for m in metas] == list(range(1, 10))
+    steps = [b.user_1 - a.user_1 for a, b in zip(metas, metas[1:])]
+    assert steps == [1, 2, 1, 1, 2, 1, 1, 2]  # the source skipped a number before images 3, 6 and 9
+    assert receiver.counters.sequence_gaps == sender.counters.images_missed == 3
+    assert receiver.counters.torn_images == receiver.counters.bad_messages == 0
 
 
-def test_a_stopping_sender_still_sends_the_verdicts_of_the_images_on_their_way(source_and_replica):
+def test_an_image_overwritten_on_its_way_is_dropped_by_the_replica_and_counted_once(source_and_replica, replicate):
     source, replica, _ = source_and_replica
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    try:
-        time.sleep(0.3)
-        for _ in range(3):
-            producer.publish()
-        poll_until([sender], lambda: sender.counters.images == 3)
-        sender.stop()
-        assert not sender.on_the_way and not sender.verdicts
-        poll_until([receiver], lambda: receiver.counters.images == 3)
-    finally:
-        for thing in (sender, receiver, producer):
-            thing.close()
+    rep = replicate(source, replica)
+    producer, sender, receiver, sub = rep.producer, rep.sender, rep.receiver, rep.sub
+    image_id = producer.publish()
+    assert sender.sub.poll(5000)
+    encoded = sender.sub.recv()
+    # The sender's two steps one by one, so that the assembler comes round to the slot in between:
+    # the image is queued (its bytes are read from the slot later), then its slot is rewritten.
+    sender._on_images([encoded])
+    producer.images.begin_image(image_id + source.image_buffer_slots)
+    poll_until([sender, receiver], lambda: receiver.counters.torn_images == 1)
+    assert sender.counters.images_lost == 1 and sender.counters.images_sent == 0
+    producer.publish()
+    poll_until([sender, receiver], lambda: receiver.counters.images == 1)
+    r = receiver.counters
+    assert (r.torn_images, r.sequence_gaps, r.bad_messages, r.unconfirmed_images) == (1, 0, 0, 0)
+    only = ImageMetadata.decode(sub.recv())
+    assert (only.id, only.user_1) == (image_id + 1, 2)  # a consumer of the replica sees one missing
+    assert not sub.poll(100)
 
 
-def test_a_batch_of_images_is_tracked_by_markers_and_verdicted_in_one_message(make_config):
+def test_a_stopping_sender_still_sends_the_verdicts_of_the_images_on_their_way(source_and_replica, replicate):
+    source, replica, _ = source_and_replica
+    rep = replicate(source, replica)
+    producer, sender, receiver = rep.producer, rep.sender, rep.receiver
+    for _ in range(3):
+        producer.publish()
+    poll_until([sender], lambda: sender.counters.images == 3)
+    sender.stop()
+    assert not sender.on_the_way and not sender.verdicts
+    poll_until([receiver], lambda: receiver.counters.images == 3)
+
+
+def test_a_batch_of_images_is_tracked_by_markers_and_verdicted_in_one_message(make_config, replicate):
     port = free_tcp_port_block(1)
     _, source = make_config(image_buffer_slots=32, stream_send={"to": f"tcp://127.0.0.1:{port}", "queue_images": 16})
     _, replica = make_config(namespace="replica", image_buffer_slots=32,
                              stream_recv={"bind": f"tcp://127.0.0.1:{port}", "queue_images": 16})
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    replica_images = ImageBuffer.for_config(replica, create=False)
-    try:
-        time.sleep(0.3)
-        for _ in range(10):
-            producer.publish()
-        verdict_messages, tracked, real_send = [], [], sender.data.send
-
-        def send(data, flags=0, copy=True, track=False):
-            if isinstance(data, bytes) and not flags & zmq.SNDMORE:
-                verdict_messages.append(Verdict.decode_many(data))
-            if isinstance(data, zmq.Frame) and not any(data is frame for frame in sender.slot_frames):
-                tracked.append(sender.n_queued)  # a marker: a frame of its own
-            return real_send(data, flags, copy=copy, track=track)
-
-        sender.data = Wrapped(sender.data, send=send)
-        time.sleep(0.2)  # all ten metadata messages wait for the sender: one batch
-        sender.poll(0)
-        # Tracked: the 8th image (at least every 8th) and the 10th (the last of the batch); the others went
-        # out as the frames made once per slot.
-        assert sender.n_queued == 10 and tracked == [8, 10]
-        poll_until([sender, receiver], lambda: receiver.counters.images == 10)
-        assert [v.image_id for message in verdict_messages for v in message] == list(range(1, 11))
-        assert len(verdict_messages) <= 2  # one per marker released, at most
-        for image_id in range(1, 11):
-            assert np.array_equal(replica_images.image_view(image_id, "<u2", replica.image_shape),
-                                  expected_image(replica, image_id))
-    finally:
-        for thing in (replica_images, sender, receiver, producer):
-            thing.close()
-
-
-def test_a_released_marker_wakes_the_sender_at_once(source_and_replica):
-    source, replica, _ = source_and_replica
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    try:
-        time.sleep(0.3)
+    rep = replicate(source, replica)
+    producer, sender, receiver, replica_images = rep.producer, rep.sender, rep.receiver, rep.replica_images
+    for _ in range(10):
         producer.publish()
-        poll_until([sender], lambda: sender.n_queued == 1)
-        started = time.monotonic()
-        while sender.on_the_way:
-            sender.poll(5.0)  # no timer: only the marker's release can end this wait early
-        assert time.monotonic() - started < 2.0
-        assert sender.counters.images_sent == 1
-        poll_until([receiver], lambda: receiver.counters.images == 1)
-    finally:
-        for thing in (sender, receiver, producer):
-            thing.close()
+    verdict_messages, tracked, real_send = [], [], sender.data.send
+
+    def send(data, flags=0, copy=True, track=False):
+        if isinstance(data, bytes) and not flags & zmq.SNDMORE:
+            verdict_messages.append(Verdict.decode_many(data))
+        if isinstance(data, zmq.Frame) and not any(data is frame for frame in sender.slot_frames):
+            tracked.append(sender.n_queued)  # a marker: a frame of its own
+        return real_send(data, flags, copy=copy, track=track)
+
+    sender.data = Wrapped(sender.data, send=send)
+    time.sleep(0.2)  # all ten metadata messages wait for the sender: one batch
+    sender.poll(0)
+    # Tracked: the 8th image (at least every 8th) and the 10th (the last of the batch); the others went
+    # out as the frames made once per slot.
+    assert sender.n_queued == 10 and tracked == [8, 10]
+    poll_until([sender, receiver], lambda: receiver.counters.images == 10)
+    assert [v.image_id for message in verdict_messages for v in message] == list(range(1, 11))
+    assert len(verdict_messages) <= 2  # one per marker released, at most
+    for image_id in range(1, 11):
+        assert np.array_equal(replica_images.image_view(image_id, "<u2", replica.image_shape),
+                              expected_image(replica, image_id))
 
 
-def test_images_left_without_a_marker_by_a_failed_send_get_one(source_and_replica):
+def test_a_released_marker_wakes_the_sender_at_once(source_and_replica, replicate):
     source, replica, _ = source_and_replica
-    producer = ImageProducer(source)
-    sender = StreamSender(source, SenderSettings(source))
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
+    rep = replicate(source, replica)
+    producer, sender, receiver = rep.producer, rep.sender, rep.receiver
+    producer.publish()
+    poll_until([sender], lambda: sender.n_queued == 1)
+    started = time.monotonic()
+    while sender.on_the_way:
+        sender.poll(5.0)  # no timer: only the marker's release can end this wait early
+    assert time.monotonic() - started < 2.0
+    assert sender.counters.images_sent == 1
+    poll_until([receiver], lambda: receiver.counters.images == 1)
+
+
+def test_images_left_without_a_marker_by_a_failed_send_get_one(source_and_replica, replicate):
+    source, replica, _ = source_and_replica
+    rep = replicate(source, replica)
+    producer, sender, receiver = rep.producer, rep.sender, rep.receiver
     real_send, headers = sender.data.send, []
 
     def send(data, flags=0, copy=True, track=False):  # the second image's header meets the high-water mark
@@ -252,20 +234,15 @@ def test_images_left_without_a_marker_by_a_failed_send_get_one(source_and_replic
                 raise zmq.Again()
         return real_send(data, flags, copy=copy, track=track)
 
-    try:
-        time.sleep(0.3)
-        for _ in range(3):
-            producer.publish()
-        time.sleep(0.2)  # one batch of three
-        sender.data = Wrapped(sender.data, send=send)
-        sender.poll(0)
-        assert sender.counters.images_dropped == 2 and sender.n_queued == 1
-        assert [upto for upto, _ in sender.markers] == [1]  # the empty verdict message sent as its marker
-        poll_until([sender, receiver], lambda: receiver.counters.images == 1)
-        assert receiver.counters.bad_messages == 0 and receiver.counters.last_image_id == 1
-    finally:
-        for thing in (sender, receiver, producer):
-            thing.close()
+    for _ in range(3):
+        producer.publish()
+    time.sleep(0.2)  # one batch of three
+    sender.data = Wrapped(sender.data, send=send)
+    sender.poll(0)
+    assert sender.counters.images_dropped == 2 and sender.n_queued == 1
+    assert [upto for upto, _ in sender.markers] == [1]  # the empty verdict message sent as its marker
+    poll_until([sender, receiver], lambda: receiver.counters.images == 1)
+    assert receiver.counters.bad_messages == 0 and receiver.counters.last_image_id == 1
 
 
 def test_a_late_preview_viewer_gets_a_valid_header_and_the_current_image(make_config):
