@@ -372,7 +372,9 @@ class H5Writer:
             self._fail(run, error)
 
     def _frame_fields_of(self, f: OutputFile, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """_frame_fields for an array of image ids: (pulse_ids, daq_recs)."""
+        """(pulse_ids, daq_recs) of Jungfrau images, from module 0's frames in the FrameBuffer (0 and
+        counted in frame_fields_missing where the frame is gone); with image_id_source "pulse_id" the image
+        id is the pulse id whatever the FrameBuffer holds. Zeros for other detectors."""
         pulse_ids = np.zeros(len(ids), np.uint64)
         daq_recs = np.zeros(len(ids), np.uint32)
         if not f.jungfrau:
@@ -393,7 +395,7 @@ class H5Writer:
     def _slot_meta(self, image_id: int) -> ImageMetadata:
         """The metadata in the slot of `image_id` (ImageLostError if the slot holds another id). What
         ImageBuffer.read_meta does, with one `item()` instead of a field-by-field copy (16 -> 4 us)."""
-        version, id_, *fields = self.images.metas(self.images.slot_of(image_id))[0].item()
+        version, id_, *fields = self.slot_metas[image_id % self.n_slots].item()
         if id_ != image_id:
             raise ImageLostError(image_id, id_)
         return ImageMetadata(id_, *fields, version)
@@ -505,20 +507,9 @@ class H5Writer:
             log.warning("image %d rejected (%d so far): the slot holds %s", meta.id, n, problem)
 
     def _frame_fields(self, image_id: int) -> tuple[int, int]:
-        """(pulse_id, daq_rec) of a Jungfrau image, from module 0's frame in the FrameBuffer; with
-        image_id_source "pulse_id" the image id is the pulse id whatever the FrameBuffer holds."""
-        if not self.run.file.jungfrau:
-            return 0, 0
-        pulse_id = image_id if self.config.image_id_source == "pulse_id" else 0
-        if self.frames is None:
-            self.counters.frame_fields_missing += 1
-            return pulse_id, 0
-        try:
-            frame = self.frames.read_frame_meta(image_id, 0)
-        except ImageLostError:
-            self.counters.frame_fields_missing += 1
-            return pulse_id, 0
-        return pulse_id or frame.pulse_id, frame.daq_rec
+        """(pulse_id, daq_rec) of one image: _frame_fields_of for the paths that take images one by one."""
+        pulse_ids, daq_recs = self._frame_fields_of(self.run.file, np.array([image_id], np.uint64))
+        return int(pulse_ids[0]), int(daq_recs[0])
 
     # --- ends of runs ---------------------------------------------------------------------------------
 
