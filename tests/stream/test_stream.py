@@ -71,6 +71,31 @@ def replicate():
         replication.close()
 
 
+class HandFedReplica:
+    """A std_stream_recv, a PUSH socket connected to it in place of std_stream_send, and a consumer of the
+    replica's ImageMetadata stream; connected once made."""
+
+    def __init__(self, replica, port):
+        self.receiver = StreamReceiver(replica, ReceiverSettings(replica))
+        self.push = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=100)
+        self.push.connect(f"tcp://127.0.0.1:{port}")
+        self.sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
+        self.sub.connect(image_metadata_address(replica))
+        time.sleep(0.3)
+
+    def close(self):
+        for thing in (self.push, self.sub, self.receiver):
+            thing.close()
+
+
+@pytest.fixture
+def hand_fed_replica(source_and_replica):
+    _, replica, port = source_and_replica
+    fed = HandFedReplica(replica, port)
+    yield fed
+    fed.close()
+
+
 @pytest.fixture
 def source_and_replica(make_config):
     """Configs of the detector-side and the replica-side buffers (same detector, their own namespaces)."""
@@ -287,63 +312,46 @@ def test_a_late_preview_viewer_gets_a_valid_header_and_the_current_image(make_co
         sender.close()
 
 
-def test_the_replica_counts_and_drops_messages_that_are_not_its_images(source_and_replica):
-    _, replica, port = source_and_replica
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, hwm=1000)
-    sub.connect(image_metadata_address(replica))
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=100)
-    push.connect(f"tcp://127.0.0.1:{port}")
+def test_the_replica_counts_and_drops_messages_that_are_not_its_images(source_and_replica, hand_fed_replica):
+    _, replica, _ = source_and_replica
+    receiver, push, sub = hand_fed_replica.receiver, hand_fed_replica.push, hand_fed_replica.sub
     pixels = expected_image(replica, 5)
 
     def image(sequence):
         return ImageMetadata(5, *replica.image_shape, user_1=sequence).encode()
 
-    try:
-        time.sleep(0.3)
-        push.send(b"garbage")  # no sequence number: not an image at all
-        push.send_multipart([ImageMetadata(1, 10, 10, user_1=1).encode(), b"\0" * 200])  # wrong shape
-        push.send(image(2))  # no image bytes
-        push.send_multipart([image(3), b"\0" * 100])  # wrong size
-        push.send_multipart([image(4), pixels.tobytes(), b"\x01"])  # a frame too many
-        push.send(Verdict(5, True).encode())  # a verdict for an image that never came: nothing to do
-        push.send_multipart([image(5), pixels.tobytes()])
-        push.send(Verdict(5, False).encode())  # torn at the source: dropped
-        push.send_multipart([image(6), pixels.tobytes()])
-        push.send(b"\0" * 8 + b"\x07")  # a bad verdict
-        push.send(Verdict(5, True).encode())
-        poll_until([receiver], lambda: receiver.counters.images == 1)
-        r = receiver.counters
-        assert (r.bad_messages, r.torn_images, r.sequence_gaps, r.unconfirmed_images) == (6, 1, 0, 0)
-        images = ImageBuffer.for_config(replica, create=False)
-        assert np.array_equal(images.image_view(5, "<u2", replica.image_shape), pixels)
-        images.close()
-        assert ImageMetadata.decode(sub.recv()).user_1 == 6  # the first five never published: gaps downstream
-    finally:
-        push.close()
-        sub.close()
-        receiver.close()
+    push.send(b"garbage")  # no sequence number: not an image at all
+    push.send_multipart([ImageMetadata(1, 10, 10, user_1=1).encode(), b"\0" * 200])  # wrong shape
+    push.send(image(2))  # no image bytes
+    push.send_multipart([image(3), b"\0" * 100])  # wrong size
+    push.send_multipart([image(4), pixels.tobytes(), b"\x01"])  # a frame too many
+    push.send(Verdict(5, True).encode())  # a verdict for an image that never came: nothing to do
+    push.send_multipart([image(5), pixels.tobytes()])
+    push.send(Verdict(5, False).encode())  # torn at the source: dropped
+    push.send_multipart([image(6), pixels.tobytes()])
+    push.send(b"\0" * 8 + b"\x07")  # a bad verdict
+    push.send(Verdict(5, True).encode())
+    poll_until([receiver], lambda: receiver.counters.images == 1)
+    r = receiver.counters
+    assert (r.bad_messages, r.torn_images, r.sequence_gaps, r.unconfirmed_images) == (6, 1, 0, 0)
+    images = ImageBuffer.for_config(replica, create=False)
+    assert np.array_equal(images.image_view(5, "<u2", replica.image_shape), pixels)
+    images.close()
+    assert ImageMetadata.decode(sub.recv()).user_1 == 6  # the first five never published: gaps downstream
 
 
-def test_one_verdict_message_confirms_several_images_and_an_empty_one_none(source_and_replica):
-    _, replica, port = source_and_replica
-    receiver = StreamReceiver(replica, ReceiverSettings(replica))
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=100)
-    push.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        time.sleep(0.3)
-        for image_id in (5, 6, 7):
-            push.send_multipart([ImageMetadata(image_id, *replica.image_shape, user_1=image_id).encode(),
-                                 expected_image(replica, image_id).tobytes()])
-        push.send(b"")  # no verdicts: nothing to do
-        push.send(Verdict.encode_many([Verdict(5, True), Verdict(6, False), Verdict(7, True)]))
-        poll_until([receiver], lambda: receiver.counters.images == 2)
-        r = receiver.counters
-        assert (r.torn_images, r.bad_messages, r.sequence_gaps, r.unconfirmed_images) == (1, 0, 0, 0)
-        assert r.last_image_id == 7
-    finally:
-        push.close()
-        receiver.close()
+def test_one_verdict_message_confirms_several_images_and_an_empty_one_none(source_and_replica, hand_fed_replica):
+    _, replica, _ = source_and_replica
+    receiver, push = hand_fed_replica.receiver, hand_fed_replica.push
+    for image_id in (5, 6, 7):
+        push.send_multipart([ImageMetadata(image_id, *replica.image_shape, user_1=image_id).encode(),
+                             expected_image(replica, image_id).tobytes()])
+    push.send(b"")  # no verdicts: nothing to do
+    push.send(Verdict.encode_many([Verdict(5, True), Verdict(6, False), Verdict(7, True)]))
+    poll_until([receiver], lambda: receiver.counters.images == 2)
+    r = receiver.counters
+    assert (r.torn_images, r.bad_messages, r.sequence_gaps, r.unconfirmed_images) == (1, 0, 0, 0)
+    assert r.last_image_id == 7
 
 
 def test_sender_and_receiver_refuse_configs_without_an_address(make_config):
