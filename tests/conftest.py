@@ -131,6 +131,7 @@ def free_udp_port_range(n: int) -> int:
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
+            _HANDED_OUT_PORTS.update(range(start, start + n))
             return start
         except OSError:
             continue
@@ -140,13 +141,18 @@ def free_udp_port_range(n: int) -> int:
     raise RuntimeError(f"no range of {n} free UDP ports found")
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_tcp_port_block(n: int) -> int:
-    """A first port of n consecutive TCP ports free on loopback right now (for metrics endpoints)."""
+    """A first port of n consecutive TCP ports free on loopback right now (for metrics endpoints), none of
+    them handed out before in this test run: a test that asks for several blocks before starting the
+    services that bind them must not get overlapping ones (a pipeline and its replica once did)."""
     for _ in range(100):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             start = probe.getsockname()[1]
-        if start + n > 65535:
+        if start + n > 65535 or not _HANDED_OUT_PORTS.isdisjoint(range(start, start + n)):
             continue
         socks = []
         try:
@@ -154,6 +160,7 @@ def free_tcp_port_block(n: int) -> int:
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
+            _HANDED_OUT_PORTS.update(range(start, start + n))
             return start
         except OSError:
             continue
