@@ -103,9 +103,25 @@ if AVAILABLE:
 
         return sig, codegen
 
+    def _jit(**options):
+        """numba.njit with the on-disk cache when there is somewhere to keep it.
+
+        numba caches next to the module or in the user's cache directory; a read-only installation run by a
+        user without a home (the Docker image, a systemd unit without NUMBA_CACHE_DIR) has neither, and
+        numba then refuses the function outright. Such a process compiles its kernels itself instead
+        (a second or two at its first image).
+        """
+        def decorate(function):
+            try:
+                return numba.njit(nogil=True, boundscheck=False, cache=True, **options)(function)
+            except RuntimeError:  # "cannot cache function ...: no locator available"
+                return numba.njit(nogil=True, boundscheck=False, **options)(function)
+
+        return decorate
+
     _ONE = np.uint64(1)
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    @_jit()
     def _convert_rows(raw, pedestal_g0, inverse_g0, others, out, row_begin, row_end, rows, cols):
         """Rows [row_begin, row_end) of a Jungfrau frame (or stack of frames); returns the NaN pixels
         among the non-G0 ones (G0 NaNs come from the table and are counted by `_count_g0_nan`).
@@ -149,7 +165,7 @@ if AVAILABLE:
                 nan += value != value
         return nan
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    @_jit()
     def _count_g0_nan(raw, bad_g0):
         """How many of the pixels whose G0 table gives NaN (masked, zero gain) are G0 in `raw`."""
         flat = raw.reshape(-1)
@@ -158,13 +174,13 @@ if AVAILABLE:
             n += flat[bad_g0[k]] < 0x4000
         return n
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    @_jit()
     def convert_serial(raw, pedestal_g0, inverse_g0, others, bad_g0, out, rows, cols):
         """Convert a Jungfrau frame on the calling thread; returns the number of NaN pixels."""
         nan = _convert_rows(raw, pedestal_g0, inverse_g0, others, out, 0, raw.shape[0], rows[0], cols[0])
         return nan + _count_g0_nan(raw, bad_g0)
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True, parallel=True)
+    @_jit(parallel=True)
     def convert_parallel(raw, pedestal_g0, inverse_g0, others, bad_g0, out, rows, cols):
         """The same, its rows split into rows.shape[0] stripes run by numba's worker threads."""
         h = raw.shape[0]
@@ -212,7 +228,7 @@ if AVAILABLE:
 
         return sig, codegen
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    @_jit()
     def unpack_12bit(packed, image, rows, cols, y0, dy, x0):
         """A Gigafrost stream's frame, `rows` rows of `cols` 12-bit pixels packed row after row, into the
         C-ordered `image` (uint16 or float32): its row r goes to image row y0 + dy * r (dy = 2 interleaves
@@ -235,18 +251,18 @@ if AVAILABLE:
                 image[y, x0 + 2 * p] = b0 | ((b1 & 0xF) << 8)
                 image[y, x0 + 2 * p + 1] = (b1 >> 4) | (b2 << 4)
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    @_jit()
     def _unpack_streams(slot, frame_bytes, image, rows, cols, y0, dy, x0, first, last):
         for m in range(first, last):
             unpack_12bit(slot[m * frame_bytes:(m + 1) * frame_bytes], image, rows, cols, y0[m], dy[m], x0[m])
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
+    @_jit()
     def unpack_streams_serial(slot, frame_bytes, image, rows, cols, y0, dy, x0):
         """Every stream of a FrameBuffer slot (the frames back to back, `frame_bytes` each) into `image`;
         stream m's rows go to image rows y0[m] + dy[m] * r from column x0[m] (see `unpack_12bit`)."""
         _unpack_streams(slot, frame_bytes, image, rows, cols, y0, dy, x0, 0, y0.size)
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True, parallel=True)
+    @_jit(parallel=True)
     def unpack_streams_parallel(slot, frame_bytes, image, rows, cols, y0, dy, x0):
         """The same, the streams shared among numba's worker threads."""
         for m in numba.prange(y0.size):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from core_buffer.formats import ImageMetadata, ModuleFrame
 from core_buffer.ipc import image_metadata_address, make_socket, module_frames_address
 from core_buffer.pattern import frame_bytes, frame_pattern
 from core_buffer.ringbuffer import FrameBuffer
+from std_assembler import kernels
 from std_assembler.assembler import Assembler
 from tests.e2e.expected import raw_image
 
@@ -490,3 +492,22 @@ def test_the_package_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "std_assembler", "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and "std_assembler" in result.stdout
+
+
+def test_the_kernels_compile_without_a_writable_cache_directory():
+    """A read-only installation run by a user without a home (the Docker image, a systemd unit) has no
+    place for numba's cache; the kernels must still import and run, compiled in the process."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:  # a path the unprivileged user can reach
+        package = Path(scratch)
+        (package / "kernels.py").write_bytes(Path(kernels.__file__).read_bytes())
+        package.chmod(0o555)
+        script = ("import numpy as np, kernels\n"
+                  "raw = np.zeros((2, 64), np.uint16); raw[1, 5] = 0x4000\n"
+                  "print('g0 nan pixels', kernels._count_g0_nan(raw, np.array([0, 69])))\n")
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
+            cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONPATH": scratch},
+            capture_output=True, text=True, timeout=120)
+        package.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "g0 nan pixels 1"
