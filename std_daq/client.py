@@ -68,6 +68,7 @@ def progress_of(status: StatusMessage) -> tuple[int, int]:
 
 RECEIVED_MAX = 100_000
 START_TIMEOUT_S = 5.0  # default: how long a request may wait for request_start while its agent is idle
+DRAIN_PASSES_MAX = 1000  # _read_waiting: at most this many reads of what waits on the connection
 
 
 class DaqClientError(Exception):
@@ -118,11 +119,13 @@ class DaqClient:
         self.busy: dict[str, set[str]] = collections.defaultdict(set)  # tag -> requests started, not ended
         self.idle_since: dict[str, float] = {}  # tag -> when its agent last ended a request
         self.tag_news: dict[str, float] = {}  # tag -> when any status of it last arrived
+        self.n_received = 0  # statuses received so far (_read_waiting stops when a read adds none)
         self.channel.basic_consume(queue=self.queue, auto_ack=True, on_message_callback=self._on_status)
 
     def _on_status(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
         status = StatusMessage.from_delivery(properties, body)
         self.received.append(status)
+        self.n_received += 1
         tag = _text((properties.headers or {}).get("tag"))
         if tag:
             now = time.monotonic()
@@ -177,6 +180,16 @@ class DaqClient:
                 return
             self.connection.process_data_events(time_limit=0.1)
 
+    def _read_waiting(self) -> None:
+        """Take in every status already waiting on the connection, without waiting for more. One
+        process_data_events(0) reads one chunk from the socket; after a pause (the caller did something
+        else for a while) many may be waiting, and a verdict taken before reading them would be stale."""
+        for _ in range(DRAIN_PASSES_MAX):
+            before = self.n_received
+            self.connection.process_data_events(time_limit=0)
+            if self.n_received == before:
+                return
+
     def wait(self, request_id: str, timeout_s: float | None = None,
              on_status: Callable[[StatusMessage], None] | None = None, *,
              idle_timeout_s: float | None = None, start_timeout_s: float | None = None) -> RequestResult:
@@ -193,6 +206,7 @@ class DaqClient:
         last_news = now
         seen: list[StatusMessage] = []
         while True:
+            self._read_waiting()  # first: what arrived while the caller was not waiting decides below
             for status in [s for s in self.received if s.request_id == request_id]:
                 self.received.remove(status)
                 seen.append(status)

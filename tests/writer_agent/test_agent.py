@@ -183,6 +183,15 @@ def test_a_request_queued_behind_a_running_write_is_not_reported_as_not_taken(ri
     assert r.client.wait(first, timeout_s=30).ok
 
 
+def test_a_client_that_waits_only_after_its_request_succeeded_gets_the_success(rig):
+    r = rig()
+    request_id = r.client.submit(str(r.out / "late-wait.h5"), 5, tag=r.tag)
+    time.sleep(2.5)  # the control system does other things; the statuses wait unread on the connection
+    result = r.client.wait(request_id, timeout_s=30, start_timeout_s=1.0)  # not RequestNotTaken
+    assert result.ok, result.message + r.logs()
+    assert [s.action for s in result.statuses][0] == broker.REQUEST_START
+
+
 def test_a_request_for_a_tag_nobody_serves_fails_at_once(broker_url, detector_name):
     with DaqClient(broker_url) as daq:
         with pytest.raises(NoAgentError, match=f"no writer_agent serves tag '{detector_name}'"):
