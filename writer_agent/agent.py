@@ -7,7 +7,8 @@ never waits on RabbitMQ. When the connection drops, the write goes on, statuses 
 outbox, and the link reconnects with exponential backoff and publishes them in order.
 
 A request's life: `request_start` as soon as it is taken; a bad one gets `request_fail` at once. A good
-one SUBscribes to the ImageMetadata stream, sends start, forwards the next n_images images as writes,
+one SUBscribes to the ImageMetadata stream (dropping what comes while std_h5_writer has not taken the
+start), sends start, forwards the next n_images images as writes,
 then stop, and waits for the writer's final status; `request_progress` follows each writer status while
 it writes (and reports, once a second, a start that std_h5_writer has not taken yet); the end is exactly
 one `request_success` (JSON summary) or `request_fail` (a reason). The delivery is acked right after
@@ -301,6 +302,7 @@ class WriterAgent:
     def _serve_job(self, timeout_s: float) -> None:
         job = self.job
         if job.state == Job.STARTING:
+            self._discard_images(job)  # right before the start: what comes after it is what gets written
             self._send_start(job)
         if job.state == Job.RECOVERING:
             self._send_stop(job)
@@ -340,6 +342,19 @@ class WriterAgent:
             job.failure = (f"no image arrived for {self.settings.image_timeout_s:g} s after {job.forwarded} of "
                            f"{job.request.n_images}; the write was stopped (is the detector sending?)")
             self._send_stop(job)
+
+    def _discard_images(self, job: Job) -> None:
+        """Read and drop the images that came while std_h5_writer has not taken the start. The request asks
+        for the next n_images once the write can begin; these are older, and by the time a late writer
+        connects their slots hold other images. (Subscribing only once the start is out would miss the
+        first images while the subscription is set up; so the subscription is made at once and kept
+        drained.) The sequence-gap count starts afresh with the first image forwarded."""
+        for _ in range(HWM):
+            try:
+                job.images.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+        job.last_sequence = None
 
     def _forward_images(self, job: Job) -> None:
         r = job.request

@@ -192,6 +192,24 @@ def test_a_client_that_waits_only_after_its_request_succeeded_gets_the_success(r
     assert [s.action for s in result.statuses][0] == broker.REQUEST_START
 
 
+def test_a_writer_that_connects_late_gets_the_images_that_come_after_it_is_ready(rig):
+    r = rig(rate_hz=200, writer_timeout_s=30.0)
+    r.writer.stop()
+    path = r.out / "late-writer.h5"
+    request_id = r.client.submit(str(path), 50, tag=r.tag)
+    wait_for_status(r, request_id, broker.REQUEST_START)
+    time.sleep(1.0)  # 200 images while the agent waits: the buffer (64 slots) no longer holds the first ones
+    first_after_ready = r.producer.next_id
+    r.writer.start("std_h5_writer running")
+    result = r.client.wait(request_id, timeout_s=30)
+    assert result.ok, result.message + r.logs()
+    summary = result.summary
+    assert (summary["images_written"], summary["images_lost"], summary["sequence_gaps"]) == (50, 0, 0), summary
+    assert_file_holds_pattern(r.config, path, 50)
+    with h5py.File(path, "r") as f:
+        assert f[f"/{r.tag}/image_id"][0] >= first_after_ready  # not the images queued while it waited
+
+
 def test_a_request_for_a_tag_nobody_serves_fails_at_once(broker_url, detector_name):
     with DaqClient(broker_url) as daq:
         with pytest.raises(NoAgentError, match=f"no writer_agent serves tag '{detector_name}'"):
