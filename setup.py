@@ -33,14 +33,14 @@ setup(
     package_data={"core_buffer": ["configs/*.json"]},
     install_requires=[
         "numpy>=1.24,<3",
-        "pyzmq>=25,<28",
+        "pyzmq>=26.4,<28",  # Socket.recv_into
         "pika>=1.3,<2",
         "h5py>=3.8,<4",
         "hdf5plugin>=4.1,<8",
         "posix_ipc>=1.1,<2",
         "numba>=0.58,<1",
         "psutil>=5.9,<8",
-        "prometheus-client>=0.17,<1",
+        "prometheus-client>=0.20,<1",  # start_http_server returns (server, thread)
     ],
     extras_require={
         "test": [
