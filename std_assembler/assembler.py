@@ -35,7 +35,8 @@ log = logging.getLogger("std_assembler")
 
 PULL_HWM = 100000
 PUB_HWM = 10000
-DRAIN_PER_SOCKET = 256
+READ_ROUND = 16  # frames taken from one module's stream before the next module's turn
+DRAIN_PER_SOCKET = 256  # at most this many per module and poll; then the timeouts are looked at
 
 
 class AssemblerSettings:
@@ -45,7 +46,7 @@ class AssemblerSettings:
         section = config.section("assembler")
         self.sync_timeout_s = section.float("sync_timeout_s", 0.5, min=0.001, max=600.0)
         self.drop_incomplete = section.bool("drop_incomplete", False)
-        self.max_pending = section.int("max_pending", max(1, config.frame_buffer_slots // 2), min=1)
+        self.max_pending = section.int("max_pending", config.frame_buffer_slots, min=1)
         self.conversion_threads = section.int("conversion_threads", 1, min=1, max=64)
         section.finish()
 
@@ -122,15 +123,35 @@ class Assembler:
 
     def poll(self, timeout_s: float) -> None:
         events = self.poller.poll(timeout_s * 1000 if not self.sync.waiting else min(timeout_s, 0.01) * 1000)
-        now = time.monotonic()
-        for sock, _ in events:
-            for _ in range(DRAIN_PER_SOCKET):
-                try:
-                    message = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_message(sock, message, now)
+        # Round robin, READ_ROUND frames per module and round: with a backlog queued, reading one module's
+        # stream to the end first would leave its images waiting for the others in hundreds and push the
+        # oldest out incomplete although every module delivered them. The limits on waiting images apply
+        # only between rounds, when every module has had its turn.
+        readable = [sock for sock, _ in events]
+        for _ in range(DRAIN_PER_SOCKET // READ_ROUND):
+            now = time.monotonic()  # per round: assembling a round's images can take a while
+            more = []
+            for sock in readable:
+                for _ in range(READ_ROUND):
+                    try:
+                        message = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(sock, message, now)
+                else:
+                    more.append(sock)  # may hold more
+            self._assemble_all(self.sync.release_overdue())
+            if not more:
+                break
+            readable = more
         self._assemble_all(self.sync.expire(time.monotonic()))
+        self._copy_sync_counters()
+
+    def _copy_sync_counters(self) -> None:
+        c, sync = self.counters, self.sync
+        c.late_frames, c.module_restarts, c.detector_restarts = sync.late_frames, sync.module_restarts, \
+            sync.detector_restarts
+        c.restarts_not_followed, c.forward_jumps = sync.restarts_not_followed, sync.forward_jumps
 
     def _on_message(self, sock: zmq.Socket, message: bytes, now: float) -> None:
         try:
@@ -150,10 +171,7 @@ class Assembler:
         """Assemble each image on its own: one that fails is counted and logged, the rest go on."""
         if not ready:
             return
-        c, sync = self.counters, self.sync
-        c.late_frames, c.module_restarts, c.detector_restarts = sync.late_frames, sync.module_restarts, \
-            sync.detector_restarts
-        c.restarts_not_followed, c.forward_jumps = sync.restarts_not_followed, sync.forward_jumps
+        c = self.counters
         for image in ready:
             try:
                 self._assemble(image)
@@ -272,6 +290,7 @@ class Assembler:
         # Frames already queued were finished by the receivers: take them, then release what waits.
         self.poll(0)
         self._assemble_all(self.sync.expire(float("inf")))
+        self._copy_sync_counters()
 
     def close(self) -> None:
         self._frame_cache.clear()  # our views of the buffers go before the buffers

@@ -3,9 +3,14 @@
 Frames arrive per module, in each module's own order. An image is *complete* when every module has
 delivered the frame of its id. It is *incomplete* (released without the missing modules) when each
 missing module has since delivered a newer id (it moved past), or when the image has waited
-`timeout_s` since its first frame, or when more than `max_pending` images wait (the oldest goes first:
-its frames are about to be overwritten in the FrameBuffer). A silent module therefore delays images by
-at most the timeout and never stops the pipeline.
+`timeout_s` since its first frame, or when its id is `restart_jump` (the FrameBuffer's depth) or more
+behind the newest id of the run (the FrameBuffer slot of its id has been reused: its frames are being
+overwritten), or when more than `max_pending` images wait (the oldest goes first). A silent module
+therefore delays images by at most the timeout and never stops the pipeline.
+
+The last two rules are applied by `release_overdue`, which the caller runs after each *read round* (a
+few frames from every module's stream), never in the middle of one: a backlog read one module ahead of
+the others must not look like the others falling behind.
 
 An id is published at most once per run: a frame for an id that was already released is *late*,
 counted and dropped. The highest RELEASED_MEMORY released ids are remembered exactly, and an id at or
@@ -47,7 +52,7 @@ class ReadyImage:
     image_id: int
     frames: dict[int, ModuleFrame]  # module -> frame, only the modules that delivered
     missing: list[int]  # modules without a frame
-    reason: str  # "complete", "moved_past", "timeout", "overflow", "restart"
+    reason: str  # "complete", "moved_past", "timeout", "overwritten", "overflow", "restart"
 
 
 class ReleasedIds:
@@ -156,6 +161,28 @@ class Synchronizer:
         out += [self._release(p, "timeout") for p in sorted(expired, key=lambda p: p.image_id)]
         return out
 
+    def release_overdue(self) -> list[ReadyImage]:
+        """After a read round: release the images whose FrameBuffer slots are being reused (id at least
+        `restart_jump` below the newest id of a module in the run) and, oldest first, those beyond
+        `max_pending`; drop the oldest held frames of a restart beyond `max_pending`."""
+        out = []
+        if self.pending:
+            newest = max((last for m, last in enumerate(self.last_id)
+                          if last is not None and m not in self._restarted), default=None)
+            overwritten_below = -1 if newest is None else newest - self.restart_jump
+            if len(self.pending) > self.max_pending or min(self.pending) <= overwritten_below:
+                for image_id in sorted(self.pending):
+                    if image_id <= overwritten_below:
+                        out.append(self._release(self.pending[image_id], "overwritten"))
+                    elif len(self.pending) > self.max_pending:
+                        out.append(self._release(self.pending[image_id], "overflow"))
+                    else:
+                        break
+        while len(self._next_run) > self.max_pending:
+            oldest = self._next_run.pop(min(self._next_run))
+            self.late_frames += len(oldest.frames)
+        return out
+
     # --- the current run ------------------------------------------------------------------------------
 
     def _add_current(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:
@@ -179,8 +206,6 @@ class Synchronizer:
             out.append(self._release(pending, "moved_past"))  # m lags: the others are past this id already
         if last is None or image_id - last > 1:  # m passed the ids in between: images may stop waiting
             out += self._release_moved_past(lambda i: last is None or i > last, image_id)
-        while len(self.pending) > self.max_pending:
-            out.append(self._release(self.pending[min(self.pending)], "overflow"))
         if len(out) > 1:
             out.sort(key=lambda r: r.image_id)
         return out
@@ -237,9 +262,6 @@ class Synchronizer:
         if held is None:
             held = self._next_run[image_id] = PendingImage(image_id, now)
         held.frames[m] = frame
-        while len(self._next_run) > self.max_pending:
-            oldest = self._next_run.pop(min(self._next_run))
-            self.late_frames += len(oldest.frames)
 
     def _try_switch(self, now: float) -> list[ReadyImage]:
         """Start the new run when every module that is alive has restarted."""

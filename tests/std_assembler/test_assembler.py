@@ -352,6 +352,25 @@ def test_missing_module_lost_packets_and_mismatch_give_their_status(rig):
     assert (c.images_good, c.images_missing_module, c.images_missing_packets, c.images_mismatch) == (1, 2, 1, 1)
 
 
+@pytest.mark.parametrize("max_pending", [None, 32])
+def test_a_backlog_of_complete_images_queued_before_the_first_poll_comes_out_complete(rig, max_pending):
+    """More images queued than may wait at once (the default limit was half the FrameBuffer): read one
+    module at a time, they would all wait for the other module and the oldest would leave incomplete."""
+    section = {"sync_timeout_s": 5.0} | ({} if max_pending is None else {"max_pending": max_pending})
+    r = rig(**GEOMETRIES["eiger8"], frame_buffer_slots=256, image_buffer_slots=256, assembler=section)
+    n = 200
+    for image_id in range(1, n + 1):
+        r.send_image(image_id)
+    metas = r.run(n)
+    assert [m.id for m in metas] == list(range(1, n + 1))
+    assert [m.status for m in metas] == [0] * n
+    assert [m.user_1 for m in metas] == list(range(n))
+    for meta in (metas[0], metas[-1]):
+        assert np.array_equal(r.image(meta), raw_image(r.config, meta.id))
+    c = r.assembler.counters
+    assert (c.images_good, c.images_missing_module, c.frames_overwritten) == (n, 0, 0)
+
+
 def test_drop_incomplete_counts_and_does_not_publish(rig):
     r = rig(n_modules=2, image_pixel_height=1024, assembler={"sync_timeout_s": 0.05, "drop_incomplete": True})
     r.send(1, 0)
@@ -359,6 +378,7 @@ def test_drop_incomplete_counts_and_does_not_publish(rig):
     metas = r.run(2, timeout_s=1.0)
     assert [m.id for m in metas] == [2]
     assert r.assembler.counters.images_dropped == 1
+
 
 
 def test_startup_offset_and_detector_restart_do_not_stop_the_pipeline(rig):

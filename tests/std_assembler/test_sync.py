@@ -19,7 +19,14 @@ class Feed:
         self.out = []
 
     def frame(self, module, image_id):
-        self.out += self.sync.add(ModuleFrame(id=image_id, module_id=module), self.now)
+        """One frame as a read round of its own."""
+        self.read_round([(module, image_id)])
+
+    def read_round(self, frames):
+        """(module, id) pairs read in one round: the limits on waiting images apply after the last."""
+        for module, image_id in frames:
+            self.out += self.sync.add(ModuleFrame(id=image_id, module_id=module), self.now)
+        self.out += self.sync.release_overdue()
 
     def image(self, image_id, modules=(0, 1)):
         for m in modules:
@@ -189,6 +196,27 @@ def test_overflow_releases_the_oldest_first():
     for i in range(1, 6):
         f.frame(0, i)
     assert f.released() == [(1, (1,)), (2, (1,))]
+    assert [r.reason for r in f.out] == ["overflow", "overflow"]
+
+
+def test_the_pending_limit_applies_only_after_every_module_had_its_turn_in_a_read_round():
+    f = Feed(max_pending=3)
+    f.read_round([(0, i) for i in range(1, 9)] + [(1, i) for i in range(1, 9)])  # module 0's backlog first
+    assert f.released() == [(i, ()) for i in range(1, 9)]
+
+
+def test_an_image_leaves_once_the_newest_id_is_a_frame_buffer_depth_ahead():
+    f = Feed(n_modules=3, max_pending=1000)
+    f.image(1, modules=(0, 1))  # module 2 lags far behind (its frames queued up), 0 and 1 go on
+    for i in range(2, SLOTS + 1):
+        f.image(i, modules=(0, 1))
+    assert f.released() == []  # the frames of image 1 are still in the FrameBuffer: it waits
+    f.image(SLOTS + 1, modules=(0, 1))  # slot of 1 reused by SLOTS + 1: its frames are being overwritten
+    assert f.released() == [(1, (2,))]
+    assert f.out[0].reason == "overwritten"
+    f.frame(2, 2)  # module 2 catches up: image 2 is still readable and complete
+    assert f.released()[-1] == (2, ())
+
 
 
 @pytest.mark.parametrize("ids", [[5, 1, 9, 3], list(range(20)), [7, 30, 2, 11, 12, 40, 3]])
