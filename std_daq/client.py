@@ -67,7 +67,10 @@ def progress_of(status: StatusMessage) -> tuple[int, int]:
 
 
 RECEIVED_MAX = 100_000
-START_TIMEOUT_S = 5.0  # default: how long a request may wait for request_start while its agent is idle
+# Default: how long a request may go without its request_start while the agent of its tag sends no status
+# at all. writer_agent reports at least once a second while a request runs (its BUSY_REPORT_S), so a
+# request queued behind a running write, even one whose writer hangs, never gets this far.
+START_TIMEOUT_S = 5.0
 DRAIN_PASSES_MAX = 1000  # _read_waiting: at most this many reads of what waits on the connection
 
 
@@ -84,7 +87,7 @@ class RequestTimeout(DaqClientError, TimeoutError):
 
 
 class RequestNotTaken(RequestTimeout):
-    """No request_start came although the agent of the tag was not busy with another request."""
+    """No request_start came, and the agent of the tag sent no status about any other request either."""
 
 
 def _text(value: Any) -> str:
@@ -97,10 +100,11 @@ class DaqClient:
     Requests and kills are published with `mandatory` and publisher confirms: when nothing is bound to
     the tag (no writer_agent serves it), `submit` and `kill` raise NoAgentError at once instead of the
     broker dropping the message. A request can still be lost after it was queued (the agent's connection
-    broke while it waited: its exclusive queue goes with it), so `wait` raises RequestNotTaken when no
-    request_start arrives within `start_timeout_s` while the tag's agent is not visibly busy with
-    another request (writer_agent's statuses carry a `tag` header for this; the clock restarts when the
-    request it was busy with ends).
+    broke while it waited: its exclusive queue goes with it). What a queued request's client can see of
+    the agent is the status exchange: writer_agent's statuses carry a `tag` header, and while it runs a
+    request it sends one at least every second. So `wait` raises RequestNotTaken when, for
+    `start_timeout_s`, neither the request's request_start nor any status of its tag arrived: the agent
+    is then not running anything and has not taken the request, so the request is gone (or the agent hangs).
     """
 
     def __init__(self, url: str | None = None, *, name: str = "std-daq client",
@@ -116,8 +120,6 @@ class DaqClient:
         # Statuses not yet asked for; bounded, so a client that never waits does not grow without end.
         self.received: collections.deque[StatusMessage] = collections.deque(maxlen=RECEIVED_MAX)
         self.submitted: dict[str, tuple[str, float]] = {}  # request id -> (tag, when), for the start check
-        self.busy: dict[str, set[str]] = collections.defaultdict(set)  # tag -> requests started, not ended
-        self.idle_since: dict[str, float] = {}  # tag -> when its agent last ended a request
         self.tag_news: dict[str, float] = {}  # tag -> when any status of it last arrived
         self.n_received = 0  # statuses received so far (_read_waiting stops when a read adds none)
         self.channel.basic_consume(queue=self.queue, auto_ack=True, on_message_callback=self._on_status)
@@ -128,13 +130,7 @@ class DaqClient:
         self.n_received += 1
         tag = _text((properties.headers or {}).get("tag"))
         if tag:
-            now = time.monotonic()
-            self.tag_news[tag] = now
-            if status.action in broker.FINAL_ACTIONS:
-                self.busy[tag].discard(status.request_id)
-                self.idle_since[tag] = now
-            else:
-                self.busy[tag].add(status.request_id)
+            self.tag_news[tag] = time.monotonic()
 
     def submit(self, output_file: str, n_images: int, *, tag: str, run_id: int | None = None,
                user_id: int | None = None, **extra: Any) -> str:
@@ -197,8 +193,8 @@ class DaqClient:
 
         RequestTimeout after `timeout_s` in all, or after `idle_timeout_s` without news of the request (while
         it waits for its turn, any status of its tag counts as news). For a request submitted by this
-        client, RequestNotTaken when no request_start arrived `start_timeout_s` (default: the client's)
-        after it could have been taken."""
+        client, RequestNotTaken when `start_timeout_s` (default: the client's) passed after the submit, and
+        after the last status of its tag, without its request_start (see the class docstring)."""
         now = time.monotonic()
         deadline = None if timeout_s is None else now + timeout_s
         start_limit = self.start_timeout_s if start_timeout_s is None else start_timeout_s
@@ -223,12 +219,15 @@ class DaqClient:
                                      f"(received: {actions})")
             started = any(s.action == broker.REQUEST_START for s in seen)
             if tag is not None and not started:
-                last_news = max(last_news, self.tag_news.get(tag, 0.0))
-                if not self.busy.get(tag) and now - max(submitted_at, self.idle_since.get(tag, 0.0)) > start_limit:
+                tag_news = self.tag_news.get(tag, 0.0)
+                last_news = max(last_news, tag_news)
+                if now - max(submitted_at, tag_news) > start_limit:
                     raise RequestNotTaken(
-                        f"request {request_id}: no writer_agent took it within {start_limit:g} s although the "
-                        f"agent of tag {tag!r} was not busy (received: {actions}); it was lost (the agent's "
-                        "broker connection broke while it was queued) or the agent is stuck; send it again")
+                        f"request {request_id}: no writer_agent took it within {start_limit:g} s, and the agent "
+                        f"of tag {tag!r} sent no status meanwhile, so it is not busy with another request "
+                        f"(received: {actions}); the request was lost with the agent's broker connection "
+                        "(its queue goes with it): send it again (were the agent hung instead, with its "
+                        "connection up, it would still run the request once it recovers)")
             if idle_timeout_s is not None and now - last_news > idle_timeout_s:
                 raise RequestTimeout(f"request {request_id}: no news of it for {idle_timeout_s:g} s "
                                      f"(received: {actions}); it may still finish (std-daq monitor shows it)")

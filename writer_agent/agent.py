@@ -10,7 +10,7 @@ A request's life: `request_start` as soon as it is taken; a bad one gets `reques
 one SUBscribes to the ImageMetadata stream (dropping what comes while std_h5_writer has not taken the
 start), sends start, forwards the next n_images images as writes,
 then stop, and waits for the writer's final status; `request_progress` follows each writer status while
-it writes (and reports, once a second, a start that std_h5_writer has not taken yet); the end is exactly
+it writes, and goes out at least once a second in any case (BUSY_REPORT_S); the end is exactly
 one `request_success` (JSON summary) or `request_fail` (a reason). The delivery is acked right after
 that final status has been confirmed by the broker. Prefetch 1 keeps the other requests waiting in the
 broker queue.
@@ -48,7 +48,11 @@ HWM = 100000
 KILLED_MEMORY = 1000  # kills of requests not (yet) seen, remembered for when their turn comes
 STOP_GRACE_S = 3.0  # on SIGTERM, how long to wait for the writer to close the running file
 FLUSH_GRACE_S = 2.0  # on SIGTERM, how long to wait for the broker to confirm the statuses still queued
-STARTING_REPORT_S = 1.0  # while std_h5_writer has not taken the start, a progress report this often
+# While a request runs, a status goes out at least this often, in every state (waiting for the writer,
+# writing, stopping), whether or not std_h5_writer reports: for a client whose request waits in the queue,
+# the statuses of the running one are the only sign that the agent is alive and busy (std_daq.client's
+# RequestNotTaken waits START_TIMEOUT_S = 5 s for one).
+BUSY_REPORT_S = 1.0
 START_RETRY_S = 0.02  # how often a start that std_h5_writer has not taken is sent again
 MAX_QUEUED_PROGRESS = 1000  # in a long broker outage, progress reports beyond this many waiting are dropped
 
@@ -328,11 +332,6 @@ class WriterAgent:
             if now - job.started > self.settings.writer_timeout_s:
                 self._writer_timeout(job, f"std_h5_writer is not connected to {store_stream_address(self.config)} "
                                           f"(waited {self.settings.writer_timeout_s:g} s); is it running?")
-            elif now - job.last_report >= STARTING_REPORT_S:
-                job.last_report = now  # shows clients that the agent is busy with this request
-                self._publish(job.request.request_id, job.delivery.body, broker.REQUEST_PROGRESS,
-                              json.dumps({"n_written": 0, "n_lost": 0, "n_forwarded": 0,
-                                          "n_images": job.request.n_images, "waiting_for": "std_h5_writer"}))
         elif now - job.last_writer_news > self.settings.writer_timeout_s:
             self._writer_timeout(job, f"std_h5_writer sent no status for {self.settings.writer_timeout_s:g} s "
                                       f"({job.forwarded} of {job.request.n_images} images forwarded); "
@@ -342,6 +341,18 @@ class WriterAgent:
             job.failure = (f"no image arrived for {self.settings.image_timeout_s:g} s after {job.forwarded} of "
                            f"{job.request.n_images}; the write was stopped (is the detector sending?)")
             self._send_stop(job)
+        if self.job is job and now - job.last_report >= BUSY_REPORT_S:
+            self._report_progress(job, now - job.last_writer_news >= BUSY_REPORT_S)
+
+    def _report_progress(self, job: Job, writer_silent: bool = False) -> None:
+        """request_progress with the writer's last counts; `writer_silent` adds that the agent is waiting
+        for std_h5_writer (not connected yet, or no status from it for a while)."""
+        job.last_report = time.monotonic()
+        report = {"n_written": job.n_written, "n_lost": job.n_lost, "n_forwarded": job.forwarded,
+                  "n_images": job.request.n_images, "state": job.state}
+        if writer_silent or job.state == Job.STARTING:
+            report["waiting_for"] = "std_h5_writer"
+        self._publish(job.request.request_id, job.delivery.body, broker.REQUEST_PROGRESS, json.dumps(report))
 
     def _discard_images(self, job: Job) -> None:
         """Read and drop the images that came while std_h5_writer has not taken the start. The request asks
@@ -403,9 +414,7 @@ class WriterAgent:
             job.last_writer_news = time.monotonic()
             job.n_written, job.n_lost = status.n_written, status.n_missing
             if status.state == WriterState.WRITING:
-                self._publish(job.request.request_id, job.delivery.body, broker.REQUEST_PROGRESS,
-                              json.dumps({"n_written": status.n_written, "n_lost": status.n_missing,
-                                          "n_forwarded": job.forwarded, "n_images": job.request.n_images}))
+                self._report_progress(job)
             else:
                 self._send_stop(job)  # a failed start or write still owes the writer its stop
                 self._end(job, status)

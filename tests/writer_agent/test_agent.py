@@ -3,6 +3,8 @@ producer, real HDF5 files."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from core_buffer import broker
-from std_daq.client import DaqClient, NoAgentError, RequestNotTaken, progress_of
+from std_daq.client import DaqClient, NoAgentError, RequestNotTaken, RequestTimeout, progress_of
 from tests.e2e.protocol_client import ProtocolClient
 from tests.producer import expected_image
 from tests.writer_agent.broker_proxy import BrokerProxy
@@ -181,6 +183,29 @@ def test_a_request_queued_behind_a_running_write_is_not_reported_as_not_taken(ri
     result = r.client.wait(second, timeout_s=30, start_timeout_s=1.0)  # its start comes after the first ends
     assert result.ok, result.message + r.logs()
     assert r.client.wait(first, timeout_s=30).ok
+
+
+def test_a_request_queued_behind_a_write_whose_writer_hangs_is_not_reported_as_not_taken(rig, broker_url):
+    r = rig(rate_hz=100, writer_timeout_s=30.0)
+    first = r.client.submit(str(r.out / "stalled.h5"), 3000, tag=r.tag)
+    wait_for_progress(r, first, 5)
+    os.kill(r.writer.proc.pid, signal.SIGSTOP)  # no writer statuses from here on
+    with DaqClient(broker_url, start_timeout_s=2.0) as other:
+        try:
+            second = other.submit(str(r.out / "queued.h5"), 5, tag=r.tag)
+            with pytest.raises(RequestTimeout) as waited:
+                other.wait(second, timeout_s=6.0)  # queued all along, behind the hung write
+            assert not isinstance(waited.value, RequestNotTaken), str(waited.value)
+        finally:
+            os.kill(r.writer.proc.pid, signal.SIGCONT)
+        busy = [json.loads(s.message) for s in other.received
+                if s.request_id == first and s.action == broker.REQUEST_PROGRESS]
+        assert any(report.get("waiting_for") == "std_h5_writer" for report in busy), busy
+        r.client.kill(first, tag=r.tag)
+        assert not r.client.wait(first, timeout_s=30).ok
+        result = other.wait(second, timeout_s=30)  # its turn came: it was queued, not lost
+    assert result.ok, result.message + r.logs()
+    assert_file_holds_pattern(r.config, r.out / "queued.h5", 5)
 
 
 def test_a_client_that_waits_only_after_its_request_succeeded_gets_the_success(rig):
