@@ -7,7 +7,8 @@ corrections, commits the metadata and PUBlishes it with the sequence number in u
 
 Status, the most serious first: 3 missing module (including a frame overwritten in the FrameBuffer
 before it could be read), 2 modules disagree on frame index or pulse id, 1 lost packets, 0 good.
-With `assembler.drop_incomplete`, images with missing modules are counted and not published.
+With `assembler.drop_incomplete`, images with missing modules (also a frame found overwritten while
+assembling) are counted and not published.
 A missing module's area is zero in the published image, also after background/flat-field corrections,
 and so are gap pixels (docs/std_assembler.md). An image whose assembly raises is counted
 (`images_failed`), logged, and not published; the images after it are assembled as usual.
@@ -222,6 +223,9 @@ class Assembler:
                 placer.zero(image, m)
                 continue
             lost_packets |= frame.n_recv_packets < frame.n_packets
+        if missing and self.settings.drop_incomplete:  # a frame turned out overwritten: incomplete after all
+            c.images_dropped += 1  # not published, no sequence number; the slot stays marked invalid
+            return
         present = [f for m, f in ready.frames.items() if m not in missing]
         mismatch = len({(f.frame_index, f.pulse_id) for f in present}) > 1
         if missing:

@@ -380,6 +380,32 @@ def test_drop_incomplete_counts_and_does_not_publish(rig):
     assert r.assembler.counters.images_dropped == 1
 
 
+@pytest.mark.parametrize("drop_incomplete", [False, True])
+def test_an_image_whose_frame_was_overwritten_before_it_was_read_is_incomplete(rig, drop_incomplete):
+    """Both modules delivered image 1, but module 1's receiver overwrote the FrameBuffer slot (with the id
+    one FrameBuffer depth later) before the assembler read it: status 3, or dropped like any incomplete
+    image with drop_incomplete, without a sequence number and with its ImageBuffer slot invalid."""
+    slots = 8
+    r = rig(n_modules=2, image_pixel_height=1024, frame_buffer_slots=slots,
+            assembler={"sync_timeout_s": 5.0, "drop_incomplete": drop_incomplete})
+    r.send_image(1)
+    r.frames.begin_frame(1 + slots, 1)  # the receiver of module 1 ran on (its ModuleFrame not sent yet)
+    r.frames.commit_frame(ModuleFrame(id=1 + slots, module_id=1))
+    r.send_image(2)
+    metas = r.run(2, timeout_s=1.0)
+    c = r.assembler.counters
+    assert c.frames_overwritten == 1
+    if drop_incomplete:
+        assert [(m.id, m.status, m.user_1) for m in metas] == [(2, 0, 0)]
+        assert (c.images_dropped, c.images_missing_module, c.images) == (1, 0, 1)
+        with pytest.raises(ImageLostError):
+            r.assembler.images.read_meta(1)
+    else:
+        assert [(m.id, m.status, m.user_1) for m in metas] == [(1, 3, 0), (2, 0, 1)]
+        image = r.image(metas[0])
+        assert not image[512:].any() and np.array_equal(image[:512], raw_image(r.config, 1)[:512])
+        assert (c.images_dropped, c.images_missing_module) == (0, 1)
+
 
 def test_startup_offset_and_detector_restart_do_not_stop_the_pipeline(rig):
     r = rig(n_modules=2, image_pixel_height=1024, assembler={"sync_timeout_s": 5.0})
