@@ -85,7 +85,8 @@ class Assembler:
         self.counters = Counters("frames", "images", "images_good", "images_missing_packets", "images_mismatch",
                                  "images_missing_module", "images_dropped", "images_failed", "frames_overwritten",
                                  "late_frames", "module_restarts", "detector_restarts", "restarts_not_followed",
-                                 "forward_jumps", "nan_pixels", "bad_messages", "last_image_id", "sequence")
+                                 "forward_jumps", "id_gaps", "skipped_ids", "nan_pixels", "bad_messages",
+                                 "last_image_id", "sequence")
         self.context = context or zmq.Context.instance()
         self.pulls = []
         self.module_of: dict[zmq.Socket, int] = {}
@@ -153,6 +154,7 @@ class Assembler:
         c.late_frames, c.module_restarts, c.detector_restarts = sync.late_frames, sync.module_restarts, \
             sync.detector_restarts
         c.restarts_not_followed, c.forward_jumps = sync.restarts_not_followed, sync.forward_jumps
+        c.id_gaps, c.skipped_ids = sync.id_gaps, sync.skipped_ids
 
     def _on_message(self, sock: zmq.Socket, message: bytes, now: float) -> None:
         try:

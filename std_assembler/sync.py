@@ -12,6 +12,10 @@ The last two rules are applied by `release_overdue`, which the caller runs after
 few frames from every module's stream), never in the middle of one: a backlog read one module ahead of
 the others must not look like the others falling behind.
 
+Every gap in a module's ids (an id more than one above its last) is counted: `id_gaps` once per gap,
+`skipped_ids` the ids it skipped. A gap of one module makes those images incomplete; a gap of the whole
+detector (every module skipped the same ids) is counted once per module and costs no image.
+
 An id is published at most once per run: a frame for an id that was already released is *late*,
 counted and dropped. The highest RELEASED_MEMORY released ids are remembered exactly, and an id at or
 below the highest one forgotten is late too, so a very late frame cannot reopen an old image.
@@ -112,6 +116,8 @@ class Synchronizer:
         self.detector_restarts = 0
         self.restarts_not_followed = 0
         self.forward_jumps = 0
+        self.id_gaps = 0
+        self.skipped_ids = 0
 
     @property
     def waiting(self) -> bool:
@@ -188,8 +194,11 @@ class Synchronizer:
     def _add_current(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:
         m, image_id = frame.module_id, frame.id
         last = self.last_id[m]
-        if last is not None and image_id - last > self.restart_jump:
-            self.forward_jumps += 1
+        if last is not None and image_id - last > 1:
+            self.id_gaps += 1
+            self.skipped_ids += image_id - last - 1
+            if image_id - last > self.restart_jump:
+                self.forward_jumps += 1
         self.last_id[m] = image_id
         pending = self.pending.get(image_id)
         if pending is None:
@@ -272,6 +281,12 @@ class Synchronizer:
             if seen is not None and now - seen < self.timeout_s:
                 return []
         self.detector_restarts += 1
+        for m in range(self.n_modules):  # gaps within the new run's first frames
+            ids = sorted(i for i, held in self._next_run.items() if m in held.frames)
+            for a, b in zip(ids, ids[1:]):
+                if b - a > 1:
+                    self.id_gaps += 1
+                    self.skipped_ids += b - a - 1
         out = [self._release(self.pending[i], "restart") for i in sorted(self.pending)]
         self.released.clear()
         self.last_id = [self._restarted.get(m) for m in range(self.n_modules)]

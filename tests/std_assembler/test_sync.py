@@ -218,6 +218,19 @@ def test_an_image_leaves_once_the_newest_id_is_a_frame_buffer_depth_ahead():
     assert f.released()[-1] == (2, ())
 
 
+def test_every_gap_in_a_module_s_ids_is_counted():
+    f = Feed()
+    f.image(1)
+    f.image(3)  # both modules skip 2: the detector skipped a trigger
+    f.frame(0, 4)
+    f.frame(0, 5)
+    f.frame(1, 5)  # module 1 skips 4
+    f.image(6)
+    f.image(6 + 10 * SLOTS)  # a large jump: also a forward jump
+    assert (f.sync.id_gaps, f.sync.skipped_ids) == (2 + 1 + 2, 2 * 1 + 1 + 2 * (10 * SLOTS - 1))
+    assert f.sync.forward_jumps == 2
+    assert f.released() == [(1, ()), (3, ()), (4, (1,)), (5, ()), (6, ()), (6 + 10 * SLOTS, ())]
+
 
 @pytest.mark.parametrize("ids", [[5, 1, 9, 3], list(range(20)), [7, 30, 2, 11, 12, 40, 3]])
 def test_released_ids_remember_the_highest_exactly_and_the_older_ones_by_a_floor(ids):
