@@ -80,8 +80,9 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             print(file=out)
         if result.ok:
             s = result.summary
+            dropped = f", {s['images_dropped']} not handed to the writer" if s.get("images_dropped") else ""
             print(f"done: {s.get('images_written')} images written, {s.get('images_lost', 0)} lost, "
-                  f"{s.get('sequence_gaps', 0)} missed by the agent, in {s.get('duration_s')} s -> "
+                  f"{s.get('sequence_gaps', 0)} missed by the agent{dropped}, in {s.get('duration_s')} s -> "
                   f"{s.get('output_file')}", file=out)
             return 0
         print(f"FAILED: {result.message}", file=sys.stderr)

@@ -83,6 +83,7 @@ class Job:
         self.last_image = self.started
         self.last_report = self.started
         self.forwarded = 0
+        self.dropped = 0  # images that reached the agent and could not be handed to std_h5_writer
         self.gaps = 0
         self.last_sequence: int | None = None
         self.n_written = 0
@@ -105,7 +106,8 @@ class WriterAgent:
         self.writer_status = make_socket(self.context, zmq.PULL, hwm=HWM)
         self.writer_status.connect(writer_status_address(config))
         self.counters = Counters("requests", "requests_succeeded", "requests_failed", "requests_rejected",
-                                 "requests_killed", "images_forwarded", "sequence_gaps", "bad_messages",
+                                 "requests_killed", "images_forwarded", "images_dropped", "sequence_gaps",
+                                 "bad_messages",
                                  "writer_timeouts", "broker_connected", "broker_reconnects",
                                  "statuses_pending", "statuses_dropped", "busy")
         self.job: Job | None = None
@@ -333,8 +335,9 @@ class WriterAgent:
                 self._writer_timeout(job, f"std_h5_writer is not connected to {store_stream_address(self.config)} "
                                           f"(waited {self.settings.writer_timeout_s:g} s); is it running?")
         elif now - job.last_writer_news > self.settings.writer_timeout_s:
+            dropped = f", {job.dropped} more could not be handed to it" if job.dropped else ""
             self._writer_timeout(job, f"std_h5_writer sent no status for {self.settings.writer_timeout_s:g} s "
-                                      f"({job.forwarded} of {job.request.n_images} images forwarded); "
+                                      f"({job.forwarded} of {job.request.n_images} images forwarded{dropped}); "
                                       "is it running?")
         elif (job.state == Job.WRITING and self.settings.image_timeout_s
               and now - job.last_image > self.settings.image_timeout_s):
@@ -349,7 +352,7 @@ class WriterAgent:
         for std_h5_writer (not connected yet, or no status from it for a while)."""
         job.last_report = time.monotonic()
         report = {"n_written": job.n_written, "n_lost": job.n_lost, "n_forwarded": job.forwarded,
-                  "n_images": job.request.n_images, "state": job.state}
+                  "n_images": job.request.n_images, "n_dropped": job.dropped, "state": job.state}
         if writer_silent or job.state == Job.STARTING:
             report["waiting_for"] = "std_h5_writer"
         self._publish(job.request.request_id, job.delivery.body, broker.REQUEST_PROGRESS, json.dumps(report))
@@ -388,8 +391,10 @@ class WriterAgent:
             try:
                 self.store.send(StoreStream(StoreOp.WRITE, job.forwarded, r.n_images, r.user_id, r.run_id,
                                             meta).encode(), zmq.NOBLOCK)
-            except zmq.Again:
-                continue  # the writer is gone: its silence ends the request; nothing to forward to
+            except zmq.Again:  # the writer is gone (or its queue is full): its silence ends the request
+                job.dropped += 1
+                self.counters.images_dropped += 1
+                continue
             job.forwarded += 1
             self.counters.images_forwarded += 1
             if job.forwarded == r.n_images:
@@ -431,8 +436,8 @@ class WriterAgent:
         r = job.request
         duration = time.monotonic() - job.started
         summary = {"output_file": r.output_file, "run_id": r.run_id, "n_images": r.n_images,
-                   "images_written": job.n_written, "images_lost": job.n_lost, "sequence_gaps": job.gaps,
-                   "duration_s": round(duration, 3)}
+                   "images_written": job.n_written, "images_lost": job.n_lost, "images_dropped": job.dropped,
+                   "sequence_gaps": job.gaps, "duration_s": round(duration, 3)}
         if status is not None and status.state == WriterState.FAILED:
             reason = f"std_h5_writer: {status.error or 'failed without a reason'}"
         elif status is not None and job.killed:
@@ -441,6 +446,8 @@ class WriterAgent:
                       f"closed and holds them")
         elif status is not None and job.failure:
             reason = f"{job.failure}; {r.output_file} is closed and holds {job.n_written} images"
+        if reason is not None and job.dropped and "could not be handed" not in reason:
+            reason = f"{reason} ({job.dropped} images could not be handed to std_h5_writer)"
         job.images.close()
         self.job = None  # before publishing: the record then holds the final status and no running request
         self.counters.busy = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -345,6 +346,20 @@ def test_a_connection_closed_by_the_broker_does_not_lose_the_running_requests_fi
     assert_file_holds_pattern(r.config, r.out / "through-outage.h5", 300)
     again = r.client.write(str(r.out / "after-outage.h5"), 5, tag=r.tag, timeout_s=30)  # serving again
     assert again.ok, again.message
+
+
+def test_images_that_cannot_be_handed_to_a_dead_writer_are_counted_in_the_failure(rig):
+    r = rig(rate_hz=200, writer_timeout_s=2.0)
+    request_id = r.client.submit(str(r.out / "writer-dies.h5"), 3000, tag=r.tag)
+    wait_for_progress(r, request_id, 5)
+    r.writer.kill_9()  # the StoreStream has no peer from here on: each image the agent gets is dropped
+    result = r.client.wait(request_id, timeout_s=30)
+    assert not result.ok and "std_h5_writer sent no status for 2 s" in result.message, result.message
+    dropped = re.search(r"(\d+) more could not be handed to it", result.message)
+    assert dropped and int(dropped.group(1)) > 0, result.message
+    r.writer.start("std_h5_writer running")
+    again = r.client.write(str(r.out / "after-crash.h5"), 5, tag=r.tag, timeout_s=30)
+    assert again.ok and again.summary["images_dropped"] == 0, again.message + r.logs()
 
 
 def test_a_missing_writer_fails_the_request_after_the_timeout_and_the_agent_recovers(rig):
