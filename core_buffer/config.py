@@ -263,6 +263,14 @@ def parse_config(raw: Any, source: str = "") -> DetectorConfig:
     height = top.int("image_pixel_height", min=1, max=65535)
     width = top.int("image_pixel_width", min=1, max=65535)
     start_udp_port = top.int("start_udp_port", min=1, max=65535 - n_modules + 1)
+    if detector_type == detectors.GIGAFROST:
+        _check_gigafrost_image(top, height, width)
+        if "module_positions" in raw:
+            # The quadrant layout of a Gigafrost is fixed by the sensor (docs/detectors.md); a rectangle per
+            # stream would be read and then ignored, so it is refused instead.
+            raise top.error("module_positions", raw["module_positions"],
+                            "no such key for a gigafrost (its 8 streams always fill the image's four "
+                            "quadrants; remove the key)")
     positions = _module_positions(top, n_modules, height, width)
 
     jungfrau_interfaces = top.int("jungfrau_interfaces", 1, choices=(1, 2))
@@ -284,6 +292,11 @@ def parse_config(raw: Any, source: str = "") -> DetectorConfig:
     mode_pattern = re.compile(r"^0?[0-7]{3}$")
     shm_mode_text = top.str("shm_mode", DEFAULT_SHM_MODE, pattern=mode_pattern,
                             expected="an octal permission string such as \"0660\"")
+    if int(shm_mode_text, 8) & 0o007:
+        # Anyone on the host could then read the images, or write into the buffers and have forged or
+        # corrupted data written to files as the detector's; services of other users share through the group.
+        raise top.error("shm_mode", shm_mode_text,
+                        "owner and group permissions only, no access for others (such as \"0660\")")
     file_mode_text = top.str("file_mode", DEFAULT_FILE_MODE, pattern=mode_pattern,
                              expected="an octal permission string such as \"0640\"")
     config = DetectorConfig(
@@ -317,12 +330,24 @@ def parse_config(raw: Any, source: str = "") -> DetectorConfig:
         if not isinstance(config.sections[name], Mapping):
             raise top.error(name, config.sections[name], "a JSON object")
     top.finish()
-    if detector_type == detectors.GIGAFROST:
-        try:
-            config.stream
-        except ValueError as exc:
-            raise top.error("image_pixel_width", width, str(exc)) from None
     return config
+
+
+def _check_gigafrost_image(top: Section, height: int, width: int) -> None:
+    """A Gigafrost image splits into 4 quadrants of 12-pixel blocks sent by 2 links each: the width must
+    be a multiple of 48 and the height of 4, and a quadrant row must fit a packet. Each error names the key
+    that is wrong."""
+    width_step = 2 * 2 * detectors.GF_PIXELS_PER_BLOCK
+    if width % width_step:
+        raise top.error("image_pixel_width", width,
+                        f"a multiple of {width_step} for a gigafrost")
+    if height % 4:
+        raise top.error("image_pixel_height", height,
+                        "a multiple of 4 for a gigafrost (each of its 8 streams carries a quarter of the rows)")
+    try:
+        detectors.gigafrost_stream(height, width)
+    except ValueError as exc:  # a quadrant row that does not fit one packet: the width is too large
+        raise top.error("image_pixel_width", width, str(exc)) from None
 
 
 def _module_positions(top: Section, n_modules: int, height: int,

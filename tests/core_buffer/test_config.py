@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core_buffer import ConfigError, load_config, parse_config
@@ -80,13 +81,47 @@ def test_non_jungfrau_options_are_refused_for_other_detectors():
         config_with(**eiger, bit_depth=12)
 
 
+GIGAFROST = dict(detector_type="gigafrost", n_modules=8, image_pixel_height=2016, image_pixel_width=2016)
+
+
 def test_gigafrost_needs_eight_streams_and_a_packable_width():
-    gf = dict(detector_type="gigafrost", n_modules=8, image_pixel_height=2016, image_pixel_width=2016)
+    gf = GIGAFROST
     assert config_with(**gf).stream.packets_per_frame == 126
     with pytest.raises(ConfigError, match="'n_modules' = 4 is invalid; expected one of 8"):
         config_with(**{**gf, "n_modules": 4})
     with pytest.raises(ConfigError, match="'image_pixel_width' = 2000 is invalid; expected .*multiple of 48"):
         config_with(**{**gf, "image_pixel_width": 2000})
+
+
+def test_a_bad_gigafrost_height_is_reported_as_the_height():
+    with pytest.raises(ConfigError, match=r"'image_pixel_height' = 2018 is invalid; expected a multiple of 4") \
+            as info:
+        config_with(**{**GIGAFROST, "image_pixel_height": 2018})
+    assert "image_pixel_width" not in str(info.value)
+
+
+def test_a_gigafrost_width_too_large_for_a_packet_is_reported_as_the_width():
+    with pytest.raises(ConfigError, match=r"'image_pixel_width' = 48000 is invalid; expected .*one row"):
+        config_with(**{**GIGAFROST, "image_pixel_width": 48000})
+
+
+def test_gigafrost_refuses_module_positions_it_would_ignore():
+    positions = {str(i): [0, 0, 1007, 503] for i in range(8)}
+    with pytest.raises(ConfigError, match=r"'module_positions' = .* is invalid; expected no such key for a "
+                                          r"gigafrost .*remove the key"):
+        config_with(**GIGAFROST, module_positions=positions)
+
+
+@pytest.mark.parametrize("mode", ["0664", "0666", "0661", "0777", "007"])
+def test_shm_mode_with_access_for_others_is_refused(mode):
+    with pytest.raises(ConfigError, match=rf"'shm_mode' = '{mode}' is invalid; expected owner and group "
+                                          r"permissions only"):
+        config_with(shm_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["0600", "0640", "0660", "660"])
+def test_shm_mode_for_owner_and_group_is_accepted(mode):
+    assert config_with(shm_mode=mode).shm_mode == int(mode, 8)
 
 
 def test_file_errors_name_the_file(tmp_path):
@@ -133,3 +168,50 @@ def test_shipped_example_configs_are_valid(path):
 def test_the_shipped_examples_cover_every_detector():
     types = {json.loads(p.read_text())["detector_type"] for p in CONFIG_DIR.glob("*.json")}
     assert types == {"jungfrau", "eiger", "gigafrost"}
+
+
+# The four examples issue 2 asks for: (file, detector type, modules/streams, image height x width).
+NAMED_EXAMPLES = [
+    ("jungfrau_1m.json", "jungfrau", 1, (512, 1024)),  # one Jungfrau module
+    ("jungfrau_4m.json", "jungfrau", 8, (4096, 1024)),  # Jungfrau 4M: 8 modules of 512 x 1024
+    ("eiger_500k.json", "eiger", 4, (514, 1030)),  # one Eiger module: 4 half-module ports, chip gaps
+    ("gigafrost_2016.json", "gigafrost", 8, (2016, 2016)),  # 4 quadrants x 2 links
+]
+
+
+@pytest.mark.parametrize("name,detector_type,n_modules,shape", NAMED_EXAMPLES, ids=lambda v: str(v))
+def test_each_named_example_config_exists_loads_and_places_its_modules(name, detector_type, n_modules, shape):
+    from std_assembler.geometry import Placer
+
+    path = CONFIG_DIR / name
+    assert path.is_file(), f"the example config {name} is not shipped"
+    config = load_config(path)
+    assert (config.detector_type, config.n_modules, config.image_shape) == (detector_type, n_modules, shape)
+    placer = Placer(config)  # refuses positions that do not fit the image or the detector's frames
+    covered = placer.coverage()
+    assert covered.shape == shape
+    # Every module lands somewhere in the image, and no two modules overlap.
+    hits = np.zeros(shape, np.int32)
+    for module in range(config.n_modules):
+        target = placer.target(hits, module)
+        assert target.size > 0, f"{name}: module {module} has no place in the image"
+        target[...] += 1
+    assert hits.max() == 1
+    assert (hits == 1).sum() >= covered.sum() > 0
+
+
+def test_bundled_configs_serve_metrics_on_ports_no_other_bundled_config_uses():
+    from core_buffer.metrics import SERVICE_PORT_OFFSETS, metrics_endpoint
+
+    owner: dict[tuple[str, int], str] = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        config = load_config(path)
+        endpoints = [metrics_endpoint(config, service) for service in SERVICE_PORT_OFFSETS
+                     if service != "std_udp_recv"]
+        endpoints += [metrics_endpoint(config, "std_udp_recv", m) for m in range(config.n_modules)]
+        assert None not in endpoints, f"{path.name} has no metrics base_port: std-daq status would show nothing"
+        assert len(set(endpoints)) == len(endpoints), f"{path.name}: two of its services share a port"
+        for host, port in endpoints:
+            assert host == "127.0.0.1"
+            assert (host, port) not in owner, f"{path.name} and {owner[(host, port)]} both use port {port}"
+            owner[(host, port)] = path.name
