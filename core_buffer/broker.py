@@ -3,7 +3,7 @@
 The broker URL comes from the environment, never from code or config files that get copied around:
 `STD_DAQ_BROKER_URL`, or `STD_DAQ_BROKER_URL_FILE` naming a file that holds it (for systemd credentials
 or Docker secrets). The default, `amqp://guest:guest@127.0.0.1:5672/%2F`, is RabbitMQ's local-only guest
-account. Logs show a URL only through `describe_url`, which drops the password.
+account. Logs show a URL only through `describe_url`, which masks the password.
 """
 from __future__ import annotations
 
@@ -57,18 +57,30 @@ def broker_url(environ: Mapping[str, str] | None = None) -> str:
 
 
 def describe_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """The URL with its password replaced by ***, for logs and messages.
+
+    Works on the text, not on a URL parser, and never raises: a password may hold an unescaped '/', '#',
+    '?' or '@' (a parser then cuts the URL at the wrong place and shows the rest of the password as host or
+    path) and a mistyped port may be out of range (urlsplit raises). Everything between '://' and the last
+    '@' is the credentials; of them only the user name, up to the first ':', is shown (credentials without a
+    ':' may be a token, and are hidden whole). A '@' later in the path hides more than needed, never less."""
+    scheme_end = url.find("://")
+    start = 0 if scheme_end < 0 else scheme_end + 3
+    at = url.rfind("@", start)
+    if at < 0:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    user, colon, _ = url[start:at].partition(":")
+    return url[:start] + (f"{user}:***" if colon else "***") + url[at:]
 
 
 def reachable(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at the broker's host and port (no AMQP handshake)."""
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    """Whether something accepts TCP connections at the broker's host and port (no AMQP handshake); False
+    also for a URL whose host or port cannot be read."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    except ValueError:
+        return False
     try:
         with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=timeout_s):
             return True
