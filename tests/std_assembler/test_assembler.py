@@ -437,12 +437,40 @@ def test_a_duplicated_frame_is_counted_late_and_its_image_is_not_published_again
     assert r.assembler.counters.late_frames == 1 and r.assembler.counters.module_restarts == 0
 
 
-def test_a_single_restarted_receiver_leaves_the_others_going_without_republishing(rig):
+def test_a_restarted_receiver_reconnects_and_only_the_ids_it_missed_lack_its_module(rig):
+    """The receiver of module 1 goes away (its PUSH socket closes) while the detector goes on; a new one
+    binds a new PUSH, which the assembler's PULL reconnects to, and delivers the detector's ids from where
+    it came in: the same ids as the other modules (unlike a power-cycled module), some skipped."""
+    r = rig(n_modules=2, image_pixel_height=1024, frame_buffer_slots=32, assembler={"sync_timeout_s": 5.0})
+    for i in range(1, 6):
+        r.send_image(i)
+    metas = r.run(5)
+    r.pushes[1].close(linger=0)  # receiver 1 is gone
+    for i in range(6, 10):  # the detector goes on; only module 0's frames are received
+        r.send(i, 0)
+    assert r.run(1, timeout_s=0.3) == []  # they wait for module 1 (the timeout is long)
+    r.pushes[1] = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=1000)  # the new receiver
+    r.pushes[1].bind(module_frames_address(r.config, 1))
+    for i in range(10, 15):
+        r.send_image(i)
+    metas += r.run(9, timeout_s=2.0)  # well within the timeout: 6-9 leave as module 1 moved past them
+    assert [(m.id, m.status) for m in metas] == [(i, 0) for i in range(1, 6)] + [(i, 3) for i in range(6, 10)] + \
+        [(i, 0) for i in range(10, 15)]
+    assert [m.user_1 for m in metas] == list(range(14))
+    image = r.image(metas[6])
+    assert not image[512:].any() and np.array_equal(image[:512], raw_image(r.config, 7)[:512])
+    assert np.array_equal(r.image(metas[-1]), raw_image(r.config, 14))
+    stats = r.assembler.stats()
+    assert (stats["id_gaps"], stats["skipped_ids"], stats["images_missing_module"]) == (1, 4, 4)
+    assert (stats["module_restarts"], stats["detector_restarts"], stats["late_frames"]) == (0, 0, 0)
+
+
+def test_a_single_power_cycled_module_leaves_the_others_going_without_republishing(rig):
     r = rig(n_modules=2, image_pixel_height=1024, frame_buffer_slots=16, assembler={"sync_timeout_s": 0.2})
     for i in range(100, 103):
         r.send_image(i)
     metas = r.run(3)
-    for i in range(103, 110):  # module 1 jumps back to 1 (a restarted receiver/module), module 0 goes on
+    for i in range(103, 110):  # module 1 starts its ids again at 1 (power-cycled), module 0 goes on
         r.send(i - 102, 1)
         r.send(i, 0)
         metas += r.run(1, timeout_s=0.1)
