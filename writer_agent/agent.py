@@ -48,6 +48,7 @@ HWM = 100000
 KILLED_MEMORY = 1000  # kills of requests not (yet) seen, remembered for when their turn comes
 STOP_GRACE_S = 3.0  # on SIGTERM, how long to wait for the writer to close the running file
 FLUSH_GRACE_S = 2.0  # on SIGTERM, how long to wait for the broker to confirm the statuses still queued
+INTAKE_GRACE_S = 2.0  # on SIGTERM, how long to wait for the link to hand over the requests still queued
 # While a request runs, a status goes out at least this often, in every state (waiting for the writer,
 # writing, stopping), whether or not std_h5_writer reports: for a client whose request waits in the queue,
 # the statuses of the running one are the only sign that the agent is alive and busy (std_daq.client's
@@ -111,6 +112,7 @@ class WriterAgent:
                                  "writer_timeouts", "broker_connected", "broker_reconnects",
                                  "statuses_pending", "statuses_dropped", "busy")
         self.job: Job | None = None
+        self.stopping = False  # set by stop(): requests that reach the agent from then on are refused
         self.waiting: collections.deque[Delivery] = collections.deque()
         self.killed: collections.OrderedDict[str, float] = collections.OrderedDict()
         # Final statuses handed to the link and not yet confirmed by the broker, by request id; they
@@ -158,7 +160,9 @@ class WriterAgent:
                 break
         for event in self.link.events():
             if isinstance(event, Delivery):
-                if self.job is not None:
+                if self.stopping:
+                    self._refuse_stopping(event)
+                elif self.job is not None:
                     self.waiting.append(event)  # only after a reconnect: the old queue's request is still running
                 else:
                     self._take(event)
@@ -278,6 +282,17 @@ class WriterAgent:
         self._save_record()
         log.info("request %s: %d images to %s (run %d)", rid, request.n_images, request.output_file, request.run_id)
         self._send_start(self.job)
+
+    def _refuse_stopping(self, delivery: Delivery) -> None:
+        """A request that reached a stopping agent: request_start and request_fail, so its client knows
+        at once (it would die unanswered with the agent's queue otherwise)."""
+        self.counters.requests += 1
+        self.counters.requests_failed += 1
+        log.warning("request %s refused: writer_agent is stopping", delivery.request_id)
+        self._publish(delivery.request_id, delivery.body, broker.REQUEST_START, "request taken by writer_agent")
+        self._publish(delivery.request_id, delivery.body, broker.REQUEST_FAIL,
+                      "writer_agent is stopping (SIGTERM) and did not start this request; no file was created; "
+                      "send it again once the agent is back", ack=delivery)
 
     def _send_start(self, job: Job) -> None:
         r = job.request
@@ -463,7 +478,7 @@ class WriterAgent:
             self.counters.requests_failed += 1
             self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason, ack=job.delivery)
             log.warning("request %s failed: %s", r.request_id, reason)
-        if self.waiting:
+        if self.waiting and not self.stopping:
             self._take(self.waiting.popleft())
 
     # --- Service --------------------------------------------------------------------------------------
@@ -479,8 +494,11 @@ class WriterAgent:
             self._read_writer_statuses()  # late statuses of ended runs: read and dropped
 
     def stop(self) -> None:
-        """Stop order: end the running request (stop to the writer, wait for it to close the file), then give
+        """Stop order: end the running request (stop to the writer, wait for it to close the file; no
+        request is taken after it), stop the intake, refuse the requests that reached the agent but were
+        not started (those that waited in the broker queue included: the link hands them over), then give
         the link a moment to get the statuses still queued confirmed; `close` then stops the link."""
+        self.stopping = True
         job = self.job
         if job is not None and job.state == Job.STARTING:
             self._end(job, None, "writer_agent was stopped (SIGTERM) before std_h5_writer took the start; "
@@ -495,6 +513,13 @@ class WriterAgent:
             if self.job is job:
                 self._end(job, None, f"{job.failure}; std_h5_writer did not confirm closing "
                                      f"{job.request.output_file} within {STOP_GRACE_S:g} s")
+        self.link.stop_intake()
+        if not self.link.intake_stopped.wait(INTAKE_GRACE_S):
+            log.warning("the broker link did not hand over the queued requests in time; they go with the "
+                        "agent's connection, unanswered")
+        self._handle_link_events()  # the requests handed over are refused here
+        while self.waiting:
+            self._refuse_stopping(self.waiting.popleft())
         self.link.flush(FLUSH_GRACE_S)
 
     def close(self) -> None:

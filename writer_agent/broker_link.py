@@ -76,8 +76,10 @@ class Outgoing:
 class BrokerLink:
     """RabbitMQ for one agent: requests and kills of `tag` in, statuses out, in its own thread.
 
-    Lifecycle: `start`, then `publish`/`events` from the agent's thread, `flush` to wait for the outbox,
-    `stop` (sets the flag; the thread closes the connection and ends) and `join`."""
+    Lifecycle: `start`, then `publish`/`events` from the agent's thread, `stop_intake` when the agent is
+    going to stop (no request is taken any more; those still queued are handed over to be refused),
+    `flush` to wait for the outbox, `stop` (sets the flag; the thread closes the connection and ends) and
+    `join`."""
 
     def __init__(self, url: str, tag: str, connection_name: str, reconnect_max_s: float,
                  context: zmq.Context, wake_address: str) -> None:
@@ -88,12 +90,15 @@ class BrokerLink:
         # Appended by the agent, read and popped only by the link thread (deque appends and pops are atomic).
         self.outbox: collections.deque[Outgoing] = collections.deque()
         self.connected = threading.Event()
+        self.intake_stopped = threading.Event()  # set once stop_intake is done (see there)
+        self._stop_intake = threading.Event()
         self.generation = 0
         self.reconnects = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
+        self._requests_queue: str | None = None  # while requests are taken
         self._next_connect = 0.0
         self._backoff_s = FIRST_BACKOFF_S
         self._outage_logged = False
@@ -126,6 +131,14 @@ class BrokerLink:
             time.sleep(0.02)
         return not self.outbox
 
+    def stop_intake(self) -> None:
+        """Take no more requests: once the outbox is empty (the running request's ack is out), the link
+        unbinds the request queue (new requests are then returned to their senders as unroutable) and
+        hands over as Deliveries the requests still in the queue, so the agent can answer each;
+        `intake_stopped` is set then. Without a connection there is nothing to hand over: the queue went
+        with the connection."""
+        self._stop_intake.set()
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -155,6 +168,8 @@ class BrokerLink:
 
     def _turn(self) -> None:
         if self._connection is None:
+            if self._stop_intake.is_set():
+                self.intake_stopped.set()  # the request queue went with the connection
             delay = self._next_connect - time.monotonic()
             if delay > 0:
                 self._stopping.wait(min(delay, 0.1))
@@ -162,6 +177,9 @@ class BrokerLink:
                 self._connect()
             return
         self._flush_outbox()
+        if self._stop_intake.is_set() and not self.intake_stopped.is_set() and not self.outbox:
+            self._end_intake()
+            self.intake_stopped.set()
         self._connection.process_data_events(time_limit=EVENTS_SLICE_S)
         self._flush_outbox()
 
@@ -176,12 +194,15 @@ class BrokerLink:
         broker.declare_exchanges(channel)
         channel.confirm_delivery()  # basic_publish returns once the broker has the status
         channel.basic_qos(prefetch_count=1)
-        requests = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
-        channel.queue_bind(queue=requests, exchange=broker.REQUEST_EXCHANGE, routing_key=self.tag)
         kills = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(queue=kills, exchange=broker.KILL_EXCHANGE, routing_key=self.tag)
-        channel.basic_consume(queue=requests, on_message_callback=self._on_request)
         channel.basic_consume(queue=kills, on_message_callback=self._on_kill, auto_ack=True)
+        self._requests_queue = None
+        if not self._stop_intake.is_set():  # a stopping agent takes no requests, also after a reconnect
+            requests = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+            channel.queue_bind(queue=requests, exchange=broker.REQUEST_EXCHANGE, routing_key=self.tag)
+            channel.basic_consume(queue=requests, on_message_callback=self._on_request)
+            self._requests_queue = requests
         self._channel = channel
         self.generation += 1
         if self.generation > 1:
@@ -201,6 +222,23 @@ class BrokerLink:
             self._outage_logged = True
         self._next_connect = time.monotonic() + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self.reconnect_max_s)
+
+    def _end_intake(self) -> None:
+        """See stop_intake. Order: unbind, so nothing enters the queue any more; get what is left; then
+        dispatch what the broker pushed to the consumer meanwhile (the ack of the running request freed
+        its prefetch). The consumer stays: cancelling it would delete the queue (auto-delete) with the
+        requests in it, and so would deleting the queue; it goes with the connection, being exclusive."""
+        requests, self._requests_queue = self._requests_queue, None
+        if requests is None:
+            return
+        channel = self._channel
+        channel.queue_unbind(queue=requests, exchange=broker.REQUEST_EXCHANGE, routing_key=self.tag)
+        while True:
+            method, properties, body = channel.basic_get(requests, auto_ack=False)
+            if method is None:
+                break
+            self._on_request(channel, method, properties, body)
+        self._connection.process_data_events(time_limit=0)
 
     def _close_connection(self) -> None:
         self.connected.clear()

@@ -270,6 +270,23 @@ def test_a_kill_before_the_writer_took_the_start_ends_the_request_at_once(rig):
     assert again.ok, again.message + r.logs()
 
 
+def test_on_sigterm_the_running_and_the_queued_requests_each_get_a_final_status(rig):
+    r = rig(rate_hz=50)
+    running = r.client.submit(str(r.out / "running.h5"), 2000, tag=r.tag)
+    queued = [r.client.submit(str(r.out / f"queued{i}.h5"), 5, tag=r.tag) for i in range(2)]
+    wait_for_progress(r, running, 5)
+    r.agent.stop()  # SIGTERM, and waits for the agent to exit
+    stopped = r.client.wait(running, timeout_s=15)
+    assert not stopped.ok and "stopped (SIGTERM) during the write" in stopped.message, stopped.message
+    for request_id in queued:
+        refused = r.client.wait(request_id, timeout_s=15)
+        assert not refused.ok and "writer_agent is stopping" in refused.message, refused.message
+        assert [s.action for s in refused.statuses] == [broker.REQUEST_START, broker.REQUEST_FAIL]
+    assert sorted(p.name for p in r.out.iterdir()) == ["running.h5"]
+    with pytest.raises(NoAgentError):  # the agent is gone: nothing is queued for it any more
+        r.client.submit(str(r.out / "after.h5"), 5, tag=r.tag)
+
+
 @pytest.fixture
 def proxy():
     relay = BrokerProxy()
