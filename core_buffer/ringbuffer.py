@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -45,6 +47,10 @@ _ID_END = _ID_OFFSET + _ID.size
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; faults in every page in one call
 SHM_DIR = "/dev/shm"
 ATTACH_WAIT_S = 5.0
+KINDS = ("frames", "images")
+# What every std-daq segment is called: <namespace>-<detector_name>-<kind>, both names as config.py allows
+# them (where one ends and the other begins is not recoverable from the name: both may hold '-').
+SEGMENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*-[A-Za-z0-9][A-Za-z0-9_.-]*-(frames|images)$")
 
 
 def _round_up(n: int, to: int) -> int:
@@ -98,6 +104,9 @@ class RingBuffer:
     META_DTYPE: ClassVar[np.dtype]
 
     def __init__(self, name: str, layout: BufferLayout, *, create: bool = True, mode: int = 0o660) -> None:
+        if mode & stat.S_IWOTH:
+            raise ValueError(f"shared-memory segment {name}: mode {mode:04o} would let anyone on the host write "
+                             "into it")
         if layout.meta_bytes != self.META_DTYPE.itemsize:
             raise ValueError(f"{type(self).__name__} metas are {self.META_DTYPE.itemsize} B, "
                              f"layout says {layout.meta_bytes}")
@@ -160,6 +169,11 @@ class RingBuffer:
                 raise RingBufferError(f"no permission to open shared-memory segment {self.name}: "
                                       f"{exc}") from None
             if shm.size >= PAGE and self._magic_present(shm):
+                try:
+                    self._check_not_world_writable(shm)
+                except BaseException:
+                    shm.close_fd()
+                    raise
                 return shm
             shm.close_fd()
             if time.monotonic() > deadline:
@@ -167,6 +181,16 @@ class RingBuffer:
                     f"shared-memory segment {self.name} exists but was never initialised (its creator "
                     f"died?); remove it with: std-daq buffers rm {self.name}")
             time.sleep(0.01)
+
+    def _check_not_world_writable(self, shm: posix_ipc.SharedMemory) -> None:
+        # Whoever can write into a segment can hand forged or corrupted images to every reader, and the writer
+        # stores them as the detector's. std-daq never creates such a segment (shm_mode refuses access for
+        # others); one that is world-writable was widened by someone else, so it is refused, not used.
+        mode = os.fstat(shm.fd).st_mode
+        if mode & stat.S_IWOTH:
+            raise RingBufferError(
+                f"shared-memory segment {self.name} is writable by every user (mode {stat.S_IMODE(mode):04o}); "
+                f"refusing to use it: stop the services using it and remove it (std-daq buffers rm {self.name})")
 
     @staticmethod
     def _magic_present(shm: posix_ipc.SharedMemory) -> bool:

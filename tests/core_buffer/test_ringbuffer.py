@@ -207,3 +207,46 @@ def test_image_views_are_zero_copy(make_config):
         view[10, 20] = 1234
         assert buf.slot_data(3).view(np.uint16)[10 * 1024 + 20] == 1234
         del view
+
+
+@pytest.mark.parametrize("kind", [FrameBuffer, ImageBuffer])
+def test_a_new_segment_has_every_page_in_memory_right_after_creation(make_config, kind):
+    """Fresh shared memory is sparse (tmpfs allocates a page at its first touch); the creator touches every
+    page so that no hot path pays that fault."""
+    _, config = make_config(n_modules=2, image_pixel_height=1024, frame_buffer_slots=6, image_buffer_slots=6)
+    buf = kind.for_config(config)
+    try:
+        assert buf.created
+        allocated = os.stat(f"{SHM_DIR}/{buf.name}").st_blocks * 512
+        assert allocated >= buf.layout.total_bytes
+    finally:
+        buf.close()
+        buf.unlink()
+
+
+def test_a_world_writable_segment_is_refused_when_attaching(make_config):
+    from core_buffer import RingBufferError
+
+    path, config = make_config()
+    name = f"std-daq-{config.detector_name}-frames"
+    owner = FrameBuffer.for_config(config)
+    try:
+        os.chmod(f"{SHM_DIR}/{name}", 0o666)  # widened by someone else
+        for create in (False, True):  # a service attaches whether or not it may create
+            with pytest.raises(RingBufferError, match=f"{name} is writable by every user \\(mode 0666\\); "
+                                                      f"refusing.*std-daq buffers rm {name}"):
+                FrameBuffer.for_config(config, create=create)
+        os.chmod(f"{SHM_DIR}/{name}", 0o660)
+        FrameBuffer.for_config(config, create=False).close()  # and with its mode back, it is used again
+    finally:
+        owner.close()
+        owner.unlink()
+
+
+def test_a_buffer_is_never_created_writable_by_every_user():
+    from core_buffer.ringbuffer import BufferLayout
+
+    layout = BufferLayout(2, 1, ModuleFrame.SIZE, 4096)
+    with pytest.raises(ValueError, match="mode 0662 would let anyone on the host write"):
+        FrameBuffer("std-daq-never-created-frames", layout, mode=0o662)
+    assert "std-daq-never-created-frames" not in os.listdir(SHM_DIR)
