@@ -343,13 +343,19 @@ def test_missing_module_lost_packets_and_mismatch_give_their_status(rig):
     r.send(3, 1)
     r.send(4, 0, pulse_id=1000)
     r.send(4, 1, pulse_id=1001)
-    r.send(5, 0)  # module 1 silent: only the timeout releases it
-    metas = {m.id: m for m in r.run(5)}
-    assert {i: m.status for i, m in metas.items()} == {1: 0, 2: 3, 3: 1, 4: 2, 5: 3}
+    r.send(5, 0, frame_index=70)  # same id, but the modules disagree on the detector's frame index
+    r.send(5, 1, frame_index=71)
+    r.send(6, 0)  # module 1 silent: only the timeout releases it
+    metas = {m.id: m for m in r.run(6)}
+    assert {i: m.status for i, m in metas.items()} == {1: 0, 2: 3, 3: 1, 4: 2, 5: 2, 6: 3}
+    r.send_image(7)  # the pipeline goes on: the next image is good
+    (meta7,) = r.run(1)
+    assert (meta7.id, meta7.status, meta7.user_1) == (7, 0, 6)
+    assert np.array_equal(r.image(meta7), raw_image(r.config, 7))
     image2 = r.image(metas[2])
     assert not image2[512:].any() and np.array_equal(image2[:512], raw_image(r.config, 2)[:512])
     c = r.assembler.counters
-    assert (c.images_good, c.images_missing_module, c.images_missing_packets, c.images_mismatch) == (1, 2, 1, 1)
+    assert (c.images_good, c.images_missing_module, c.images_missing_packets, c.images_mismatch) == (2, 2, 1, 2)
 
 
 @pytest.mark.parametrize("max_pending", [None, 32])
