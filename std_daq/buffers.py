@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from core_buffer.config import DEFAULT_NAMESPACE
-from core_buffer.ringbuffer import PAGE, SHM_DIR, BufferLayout, read_header, unlink
+from core_buffer.ringbuffer import PAGE, SEGMENT_NAME_RE, SHM_DIR, BufferLayout, read_header, unlink
 
 
 @dataclass(frozen=True)
@@ -18,15 +18,25 @@ class SegmentInfo:
     uid: int
 
 
+class PrefixError(ValueError):
+    """A prefix that would select segments of everybody (the empty one)."""
+
+
+def is_std_daq_name(name: str, prefix: str = DEFAULT_NAMESPACE) -> bool:
+    """Whether `name` is called like a std-daq segment (<namespace>-<detector>-frames|images) and starts
+    with `prefix`: nothing else in /dev/shm (a database's, a browser's) is ever listed or removed."""
+    return name.startswith(prefix) and SEGMENT_NAME_RE.match(name) is not None
+
+
 def list_segments(prefix: str = DEFAULT_NAMESPACE) -> list[SegmentInfo]:
-    """Segments whose name starts with `prefix`, sorted by name."""
+    """std-daq segments whose name starts with `prefix`, sorted by name."""
     found = []
     try:
         names = sorted(os.listdir(SHM_DIR))
     except FileNotFoundError:
         return []
     for name in names:
-        if not name.startswith(prefix):
+        if not is_std_daq_name(name, prefix):
             continue
         path = os.path.join(SHM_DIR, name)
         try:
@@ -56,13 +66,18 @@ def format_segments(segments: list[SegmentInfo]) -> str:
 def remove_segments(names: list[str], prefix: str = DEFAULT_NAMESPACE) -> tuple[list[str], list[str]]:
     """Remove named segments (or all with `prefix` if `names` is empty); returns (removed, missing).
 
-    Only names that start with the prefix are touched, so a typo cannot remove another program's
-    segment. Processes that still have a segment mapped keep their mapping until they exit."""
+    Only names called like std-daq segments that start with the prefix are touched, so a typo cannot
+    remove another program's segment; an empty prefix is refused (PrefixError), since with --all it would
+    take every std-daq segment on the machine, other users' and other pipelines' included. Processes that
+    still have a segment mapped keep their mapping until they exit."""
+    if not prefix:
+        raise PrefixError("an empty prefix would select every std-daq segment on the machine; give the "
+                          f"namespace (default {DEFAULT_NAMESPACE}) or the segment names")
     targets = names or [seg.name for seg in list_segments(prefix)]
     removed, missing = [], []
     for name in targets:
         name = name.lstrip("/")
-        if not name.startswith(prefix):
+        if not is_std_daq_name(name, prefix):
             missing.append(name)
         elif unlink(name):
             removed.append(name)

@@ -4,6 +4,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from core_buffer import (
     ModuleFrame,
 )
 from core_buffer.formats import INVALID_ID
-from core_buffer.ringbuffer import PAGE, SHM_DIR
+from core_buffer.ringbuffer import PAGE, SHM_DIR, unlink
 
 
 def run_python(code: str, timeout: float = 30) -> str:
@@ -247,6 +248,10 @@ def test_a_buffer_is_never_created_writable_by_every_user():
     from core_buffer.ringbuffer import BufferLayout
 
     layout = BufferLayout(2, 1, ModuleFrame.SIZE, 4096)
-    with pytest.raises(ValueError, match="mode 0662 would let anyone on the host write"):
-        FrameBuffer("std-daq-never-created-frames", layout, mode=0o662)
-    assert "std-daq-never-created-frames" not in os.listdir(SHM_DIR)
+    name = f"std-daq-t{uuid.uuid4().hex[:10]}-frames"
+    try:
+        with pytest.raises(ValueError, match="mode 0662 would let anyone on the host write"):
+            FrameBuffer(name, layout, mode=0o662)
+        assert name not in os.listdir(SHM_DIR)
+    finally:
+        unlink(name)  # only there if the refusal failed

@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import uuid
 
 import pytest
 
@@ -59,3 +60,65 @@ def test_rm_all_with_a_prefix_removes_only_that_prefix(make_config):
 @pytest.mark.parametrize("args", [["buffers", "rm"], []])
 def test_incomplete_commands_exit_with_usage_errors(args):
     assert std_daq(*args).returncode == 2
+
+
+def in_private_dev_shm(script: str) -> subprocess.CompletedProcess:
+    """Run a shell script in a mount namespace of its own with a fresh tmpfs on /dev/shm: a command under
+    test that removed too much could only remove what the script made there, never the segments of the
+    machine (other test runs, a running pipeline, a database)."""
+    unshare = ["unshare", "--mount", "--propagation", "private"]
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace here (unshare --mount needs root or user namespaces)")
+    assert STD_DAQ, "the std-daq console script is not installed (pip install -e .)"
+    setup = f"mount -t tmpfs -o size=16m std-daq-test {SHM_DIR}\nSTD_DAQ={STD_DAQ}\n"
+    return subprocess.run([*unshare, "sh", "-c", setup + script], capture_output=True, text=True, timeout=60)
+
+
+def test_rm_refuses_an_empty_prefix_and_removes_nothing():
+    result = in_private_dev_shm(f"""
+        touch {SHM_DIR}/std-daq-a-frames {SHM_DIR}/other-b-images {SHM_DIR}/PostgreSQL.1
+        "$STD_DAQ" buffers rm --all --prefix ""; echo "rc=$?"
+        "$STD_DAQ" buffers rm --prefix "" std-daq-a-frames; echo "rc=$?"
+        ls {SHM_DIR}
+    """)
+    out = result.stdout.split()
+    assert out[:2] == ["rc=1", "rc=1"], result.stdout + result.stderr
+    assert sorted(out[2:]) == ["PostgreSQL.1", "other-b-images", "std-daq-a-frames"]
+    assert "an empty prefix would select every std-daq segment" in result.stderr
+
+
+def test_rm_all_touches_only_names_of_std_daq_segments():
+    result = in_private_dev_shm(f"""
+        cd {SHM_DIR} && touch std-daq-a-frames std-daq-a-images std-daq-a.lock std-daq-notes std-daq-a-frames.bak
+        "$STD_DAQ" buffers rm --all; echo "rc=$?"
+        "$STD_DAQ" buffers rm std-daq-notes; echo "rc=$?"
+        ls {SHM_DIR}
+    """)
+    lines = result.stdout.split("\n")
+    assert sorted(lines[:2]) == ["removed std-daq-a-frames", "removed std-daq-a-images"], result.stdout
+    assert lines[2:4] == ["rc=0", "rc=1"]
+    assert sorted(lines[4:-1]) == ["std-daq-a-frames.bak", "std-daq-a.lock", "std-daq-notes"]
+    assert "not a std-daq* segment): std-daq-notes" in result.stderr
+
+
+def test_list_shows_only_std_daq_segments():
+    result = in_private_dev_shm(f"""
+        touch {SHM_DIR}/std-daq-a-frames {SHM_DIR}/std-daq-lockfile {SHM_DIR}/PostgreSQL.1
+        "$STD_DAQ" buffers list --prefix ""
+    """)
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert names == ["std-daq-a-frames"], result.stdout + result.stderr
+
+
+def test_rm_by_name_never_touches_a_segment_called_otherwise(make_config):
+    _, config = make_config()
+    import posix_ipc
+
+    name = f"std-daq-{config.detector_name}-scratch"  # the prefix, but not a ring buffer's name
+    posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, size=4096).close_fd()
+    try:
+        result = std_daq("buffers", "rm", name)
+        assert result.returncode == 1
+        assert os.path.exists(os.path.join(SHM_DIR, name))
+    finally:
+        posix_ipc.unlink_shared_memory("/" + name)
