@@ -13,7 +13,7 @@ import pytest
 from core_buffer.pattern import STAMP_COLUMNS
 from std_daq.launcher import ServiceSpec, console_script
 from tests.conftest import free_tcp_port_block
-from tests.e2e.expected import raw_image
+from tests.e2e.expected import converted_image, raw_image
 
 pytestmark = pytest.mark.broker
 
@@ -53,6 +53,55 @@ def test_jungfrau_two_modules_file_equals_the_simulated_pattern(pipeline_config,
     assert data.shape == (20, 1024, 1024) and data.dtype == np.uint16
     assert not statuses.any()
     assert_images_equal_pattern(config, data, ids)
+
+
+def write_calibration(path, n_modules: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A calibration file (docs/std_assembler.md) with realistic values, float32 as the pedestal command
+    writes them, and one pixel of each kind that must come out NaN."""
+    rows = n_modules * 512
+    rng = np.random.default_rng(8)
+    pedestal = np.stack([rng.uniform(lo, hi, (rows, 1024)) for lo, hi in ((900, 3200), (13000, 15000),
+                                                                           (14000, 16000))]).astype(np.float32)
+    gain = np.stack([rng.uniform(lo, hi, (rows, 1024)) for lo, hi in ((38, 44), (-1.6, -1.4),
+                                                                       (-0.12, -0.09))]).astype(np.float32)
+    mask = np.zeros((rows, 1024), np.uint8)
+    # Pattern gain bits come from (row + col + module) % 16 (core_buffer.pattern): 4 is G0, 9 G1, 12 G2.
+    pedestal[1, 5, 4] = np.nan  # G1 never seen by the pedestal run
+    gain[0, 10, 10] = 0.0  # G0
+    gain[2, 0, 12] = np.inf  # G2
+    mask[512 + 100, 203] = 1  # module 1, a G0 pixel
+    with h5py.File(path, "w") as f:
+        f["pedestal"], f["gain"], f["pixel_mask"] = pedestal, gain, mask
+    return pedestal, gain, mask
+
+
+def test_jungfrau_two_modules_converted_file_equals_the_pattern_converted_bit_for_bit(pipeline_config, pipelines,
+                                                                                        client, tmp_path):
+    """conversion converted, module 1 placed flipped and mirrored below a gap: each image is the simulator's
+    pattern through the calibration, computed here from the documented arithmetic (expected.py)."""
+    pedestal, gain, mask = write_calibration(tmp_path / "calibration.h5", 2)
+    path, config = pipeline_config(n_modules=2, image_pixel_height=1100, image_pixel_width=1030,
+                                   module_positions={"0": [0, 0, 1023, 511], "1": [1029, 1099, 6, 588]},
+                                   conversion="converted", calibration_file=str(tmp_path / "calibration.h5"),
+                                   image_buffer_slots=32)
+    pipe = pipelines(path, config)
+    pipe.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    out_file = str(tmp_path / "out" / "jf-converted.h5")
+    outcome = write(client, config, out_file, 10)
+    assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
+    data, ids, statuses = read_file(out_file, config.detector_name)
+    assert data.shape == (10, 1100, 1030) and data.dtype == np.float32
+    assert not statuses.any()
+    assert np.all(np.diff(ids.astype(np.int64)) == 1), f"image ids not consecutive: {ids}"
+    for image, image_id in zip(data, ids):
+        expected = converted_image(config, int(image_id), pedestal, gain, mask)
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(image), nan), f"image {image_id}: NaN at other pixels"
+        differ = np.argwhere(image.view(np.uint32)[~nan] != expected.view(np.uint32)[~nan])
+        assert not len(differ), f"image {image_id}: {len(differ)} pixels differ in their bits"
+    # The special pixels were hit: NaN there, wherever they landed.
+    assert np.isnan(expected[5, 4]) and np.isnan(expected[10, 10]) and np.isnan(expected[0, 12])
+    assert np.isnan(expected[1099 - 100, 1029 - 203])
 
 
 def test_eiger_two_half_modules_file_equals_the_simulated_pattern(pipeline_config, pipelines, client, tmp_path):
