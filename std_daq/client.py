@@ -10,7 +10,8 @@
 The client binds its status queue before it publishes, so it never misses the statuses of its own
 requests; statuses of other requests that arrive meanwhile are kept for a later `wait`. Errors:
 NoAgentError (nothing serves the tag; raised by submit and kill), RequestNotTaken and RequestTimeout
-(raised by wait), all DaqClientError.
+(raised by wait), BrokerError (RabbitMQ cannot be reached, or the connection broke; raised by anything
+that talks to it), all DaqClientError: no pika exception leaves this module.
 """
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ class DaqClientError(Exception):
     """Base of the client's own errors."""
 
 
+class BrokerError(DaqClientError):
+    """RabbitMQ could not be reached, or the connection to it broke (the client is unusable then)."""
+
+
 class NoAgentError(DaqClientError):
     """Nothing on the broker serves the tag: the request (or kill) was returned, not queued."""
 
@@ -111,12 +116,15 @@ class DaqClient:
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.url = url or broker.broker_url()
         self.start_timeout_s = start_timeout_s
-        self.connection = broker.connect(self.url, connection_name=name)
-        self.channel = self.connection.channel()
-        broker.declare_exchanges(self.channel)
-        self.channel.confirm_delivery()  # a returned mandatory message then raises UnroutableError
-        self.queue = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
-        self.channel.queue_bind(queue=self.queue, exchange=broker.STATUS_EXCHANGE)
+        try:
+            self.connection = broker.connect(self.url, connection_name=name)
+            self.channel = self.connection.channel()
+            broker.declare_exchanges(self.channel)
+            self.channel.confirm_delivery()  # a returned mandatory message then raises UnroutableError
+            self.queue = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+            self.channel.queue_bind(queue=self.queue, exchange=broker.STATUS_EXCHANGE)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerError(f"cannot reach RabbitMQ at {broker.describe_url(self.url)} ({exc!r})") from exc
         # Statuses not yet asked for; bounded, so a client that never waits does not grow without end.
         self.received: collections.deque[StatusMessage] = collections.deque(maxlen=RECEIVED_MAX)
         self.submitted: dict[str, tuple[str, float]] = {}  # request id -> (tag, when), for the start check
@@ -164,6 +172,17 @@ class DaqClient:
                                                                        content_type="application/json"))
         except pika.exceptions.UnroutableError:
             raise NoAgentError(unroutable) from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: BaseException) -> BrokerError:
+        return BrokerError(f"lost the connection to RabbitMQ at {broker.describe_url(self.url)} ({exc!r})")
+
+    def _process_events(self, time_limit: float) -> None:
+        try:
+            self.connection.process_data_events(time_limit=time_limit)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise self._lost(exc) from exc
 
     def statuses(self, timeout_s: float | None = None) -> Iterator[StatusMessage]:
         """Every status on the exchange as it arrives, until `timeout_s` passes without one (None: forever)."""
@@ -174,7 +193,7 @@ class DaqClient:
                 last = time.monotonic()
             if timeout_s is not None and time.monotonic() - last > timeout_s:
                 return
-            self.connection.process_data_events(time_limit=0.1)
+            self._process_events(0.1)
 
     def _read_waiting(self) -> None:
         """Take in every status already waiting on the connection, without waiting for more. One
@@ -182,7 +201,7 @@ class DaqClient:
         else for a while) many may be waiting, and a verdict taken before reading them would be stale."""
         for _ in range(DRAIN_PASSES_MAX):
             before = self.n_received
-            self.connection.process_data_events(time_limit=0)
+            self._process_events(0)
             if self.n_received == before:
                 return
 
@@ -194,7 +213,8 @@ class DaqClient:
         RequestTimeout after `timeout_s` in all, or after `idle_timeout_s` without news of the request (while
         it waits for its turn, any status of its tag counts as news). For a request submitted by this
         client, RequestNotTaken when `start_timeout_s` (default: the client's) passed after the submit, and
-        after the last status of its tag, without its request_start (see the class docstring)."""
+        after the last status of its tag, without its request_start (see the class docstring). BrokerError
+        when the connection breaks: the request may still run (std-daq monitor shows it)."""
         now = time.monotonic()
         deadline = None if timeout_s is None else now + timeout_s
         start_limit = self.start_timeout_s if start_timeout_s is None else start_timeout_s
@@ -231,7 +251,7 @@ class DaqClient:
             if idle_timeout_s is not None and now - last_news > idle_timeout_s:
                 raise RequestTimeout(f"request {request_id}: no news of it for {idle_timeout_s:g} s "
                                      f"(received: {actions}); it may still finish (std-daq monitor shows it)")
-            self.connection.process_data_events(time_limit=0.05)
+            self._process_events(0.05)
 
     def write(self, output_file: str, n_images: int, *, tag: str, timeout_s: float | None = None,
               on_status: Callable[[StatusMessage], None] | None = None, **request: Any) -> RequestResult:

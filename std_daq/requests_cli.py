@@ -1,8 +1,10 @@
 """`std-daq write`, `std-daq kill` and `std-daq monitor`: the operator's side of the RabbitMQ protocol.
 
 The tag (routing key) is the detector name: `--tag DET`, or $STD_DAQ_TAG. The broker is $STD_DAQ_BROKER_URL.
-Exit codes of `write --wait`: 0 success, 1 request_fail or no writer_agent serves the tag, 3 no news of
-the request for --timeout seconds (default 60) or no writer_agent took it (see DaqClient.wait), 2 usage.
+Exit codes of `write --wait`: 0 success, 1 request_fail, no writer_agent serves the tag, or RabbitMQ
+unreachable, 3 no news of the request for --timeout seconds (default 60), no writer_agent took it (see
+DaqClient.wait), or the broker connection broke while waiting (the request may still run), 2 usage.
+`monitor` reconnects when the broker connection breaks, and says so.
 """
 from __future__ import annotations
 
@@ -14,15 +16,14 @@ import sys
 import time
 from typing import TextIO
 
-import pika
-
 from core_buffer import broker
 from core_buffer.broker import StatusMessage
-from std_daq.client import DaqClient, NoAgentError, RequestTimeout, progress_of
+from std_daq.client import BrokerError, DaqClient, NoAgentError, RequestTimeout, progress_of
 
 TAG_ENV = "STD_DAQ_TAG"
 WRITE_TIMEOUT_S = 60.0  # write --wait gives up after this long without news of the request
 MONITOR_ROWS = 20
+MONITOR_RETRY_MAX_S = 5.0  # monitor: longest pause between attempts to reconnect to the broker
 
 
 def _tag(args: argparse.Namespace) -> str:
@@ -34,12 +35,10 @@ def _tag(args: argparse.Namespace) -> str:
 
 
 def _client() -> DaqClient:
-    url = broker.broker_url()
     try:
-        return DaqClient(url, name="std-daq command line")
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        print(f"std-daq: cannot reach RabbitMQ at {broker.describe_url(url)} ({exc!r}); "
-              "is it running? (rabbitmq-server -detached)", file=sys.stderr)
+        return DaqClient(broker.broker_url(), name="std-daq command line")
+    except BrokerError as exc:
+        print(f"std-daq: {exc}; is it running? (rabbitmq-server -detached)", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -59,6 +58,10 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         except NoAgentError as exc:
             print(f"std-daq: {exc}", file=sys.stderr)
             return 1
+        except BrokerError as exc:
+            print(f"std-daq: {exc}; the request was not confirmed, it may or may not have been queued "
+                  "(std-daq monitor shows what runs)", file=sys.stderr)
+            return 1
         print(f"request {request_id}: {args.n_images} images to {args.output_file} (tag {tag})", file=out, flush=True)
         if not args.wait:
             return 0
@@ -75,6 +78,10 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             result = daq.wait(request_id, on_status=show, idle_timeout_s=args.timeout)
         except RequestTimeout as exc:
             print(f"\nstd-daq: {exc}", file=sys.stderr)
+            return 3
+        except BrokerError as exc:
+            print(f"\nstd-daq: {exc} while waiting for request {request_id}; it may still run "
+                  "(std-daq monitor shows it once RabbitMQ is back)", file=sys.stderr)
             return 3
         if tty:
             print(file=out)
@@ -94,7 +101,7 @@ def run_kill(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with _client() as daq:
         try:
             daq.kill(args.request_id, tag=tag)
-        except NoAgentError as exc:
+        except (NoAgentError, BrokerError) as exc:
             print(f"std-daq: {exc}", file=sys.stderr)
             return 1
         print(f"kill sent for request {args.request_id} (tag {tag})", file=out)
@@ -102,7 +109,7 @@ def run_kill(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             return 0
         try:
             result = daq.wait(args.request_id, args.timeout)
-        except RequestTimeout as exc:
+        except (RequestTimeout, BrokerError) as exc:
             print(f"std-daq: {exc}", file=sys.stderr)
             return 3
         print(f"{result.action}: {result.message}", file=out)
@@ -153,21 +160,52 @@ class MonitorTable:
 
 
 def run_monitor(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Until Ctrl-C, or --duration seconds without a status. A broken broker connection is said on stderr
+    and re-established (retries up to MONITOR_RETRY_MAX_S apart); statuses published meanwhile are missed,
+    since the monitor's queue goes with its connection. Exit 1 only when --duration passes without the
+    broker."""
     table = MonitorTable()
     tty = out.isatty()
-    with _client() as daq:
-        print("watching the status exchange; Ctrl-C stops", file=out, flush=True)
+    daq = _client()
+    print("watching the status exchange; Ctrl-C stops", file=out, flush=True)
+    try:
+        while True:
+            try:
+                for status in daq.statuses(args.duration):
+                    line = table.update(status)
+                    if tty:
+                        out.write("\x1b[H\x1b[2J" + table.screen() + "\n")
+                    else:
+                        out.write(line + "\n")
+                    out.flush()
+                return 0
+            except BrokerError as exc:
+                daq.close()
+                print(f"std-daq: {exc}; reconnecting", file=sys.stderr, flush=True)
+                daq = _reconnect(args.duration)
+                if daq is None:
+                    print(f"std-daq: no broker for {args.duration:g} s; giving up", file=sys.stderr)
+                    return 1
+                print("std-daq: reconnected; statuses published meanwhile were missed", file=sys.stderr,
+                      flush=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if daq is not None:
+            daq.close()
+
+
+def _reconnect(limit_s: float | None) -> DaqClient | None:
+    """A new client once RabbitMQ answers again; None when `limit_s` passes first."""
+    deadline = None if limit_s is None else time.monotonic() + limit_s
+    pause = 0.5
+    while deadline is None or time.monotonic() < deadline:
         try:
-            for status in daq.statuses(args.duration):
-                line = table.update(status)
-                if tty:
-                    out.write("\x1b[H\x1b[2J" + table.screen() + "\n")
-                else:
-                    out.write(line + "\n")
-                out.flush()
-        except KeyboardInterrupt:
-            pass
-    return 0
+            return DaqClient(broker.broker_url(), name="std-daq command line")
+        except BrokerError:
+            time.sleep(pause)
+            pause = min(pause * 2, MONITOR_RETRY_MAX_S)
+    return None
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

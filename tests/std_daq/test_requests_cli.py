@@ -13,14 +13,37 @@ import h5py
 
 from core_buffer import broker
 from std_daq.launcher import console_script
-from tests.writer_agent.rig import rig, wait_for_progress  # noqa: F401 - rig is a fixture
+from tests.writer_agent.rig import proxy, rig, wait_for_progress  # noqa: F401 - fixtures
+
+
+def std_daq_env(url: str) -> dict[str, str]:
+    env = {**os.environ, broker.URL_ENV: url}
+    env.pop("STD_DAQ_TAG", None)
+    return env
 
 
 def std_daq(url: str, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
-    env = {**os.environ, broker.URL_ENV: url}
-    env.pop("STD_DAQ_TAG", None)
-    return subprocess.run([console_script("std-daq"), *args], capture_output=True, text=True, env=env,
+    return subprocess.run([console_script("std-daq"), *args], capture_output=True, text=True, env=std_daq_env(url),
                           timeout=timeout_s)
+
+
+class LineReader:
+    """The lines a process writes to one of its pipes, read by a thread as they come."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(pipe.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in list(self.lines)):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(self.lines)
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        self.thread.join(5)  # the process has ended: the rest of its output is in
+        return "".join(self.lines)
 
 
 def request_id_of(stdout: str) -> str:
@@ -113,3 +136,56 @@ def test_monitor_shows_a_line_per_request_with_the_services_state(rig):
     assert "writer_agent: success, 10 written" in ok_lines[-1], ok_lines
     assert any("writer_agent: writing " in line for line in ok_lines), ok_lines
     assert "writer_agent: FAIL: output_file must be an absolute path" in last_line_of(bad.request_id)
+
+
+def test_write_wait_that_loses_the_broker_exits_3_with_a_message_not_a_traceback(rig, proxy):
+    r = rig(rate_hz=50)
+    writing = subprocess.Popen([console_script("std-daq"), "write", str(r.out / "cut.h5"), "2000", "--tag", r.tag,
+                                "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=std_daq_env(proxy.url()))  # the command's connection goes through the proxy
+    try:
+        request_id = request_id_of(writing.stdout.readline())
+        wait_for_progress(r, request_id, 5)
+        proxy.blackhole()
+        _, err = writing.communicate(timeout=30)
+    finally:
+        if writing.poll() is None:
+            writing.kill()
+            writing.communicate()
+    assert writing.returncode == 3, err
+    assert "lost the connection to RabbitMQ" in err and f"request {request_id}; it may still run" in err, err
+    assert "Traceback" not in err
+    r.client.kill(request_id, tag=r.tag)  # it did run on: the agent's connection was not cut
+    killed = r.client.wait(request_id, timeout_s=15)
+    assert not killed.ok and "interrupted by a kill" in killed.message, killed.message
+
+
+def test_monitor_that_loses_the_broker_says_so_and_reconnects(rig, proxy):
+    r = rig()
+    monitor = subprocess.Popen([console_script("std-daq"), "monitor"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=std_daq_env(proxy.url()))
+    readers: list[LineReader] = []
+    try:
+        assert "watching the status exchange" in monitor.stdout.readline()
+        out, err = readers = [LineReader(monitor.stdout), LineReader(monitor.stderr)]
+        proxy.blackhole()
+        err.wait_for("lost the connection to RabbitMQ", monitor)
+        err.wait_for("reconnecting", monitor)
+        proxy.restore()
+        err.wait_for("reconnected", monitor)
+        ok = r.client.write(str(r.out / "after-reconnect.h5"), 5, tag=r.tag, timeout_s=30)
+        assert ok.ok, ok.message
+        out.wait_for(f"{ok.request_id[:8]} ", monitor)
+        monitor.send_signal(signal.SIGINT)
+        monitor.wait(15)
+        errors = err.text()
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+        for reader in readers:
+            reader.thread.join(5)  # before their pipes are closed under them
+        monitor.stdout.close()
+        monitor.stderr.close()
+    assert monitor.returncode == 0, errors
+    assert "Traceback" not in errors, errors

@@ -13,6 +13,7 @@ from core_buffer import broker
 from std_daq.client import DaqClient, progress_of
 from std_daq.launcher import console_script
 from tests.producer import ImageProducer
+from tests.writer_agent.broker_proxy import BrokerProxy
 
 READY_S = 20.0
 
@@ -106,6 +107,14 @@ def rig(make_config, tmp_path, broker_url):
     yield factory
     for r in made:
         r.close()
+
+
+@pytest.fixture
+def proxy():
+    """A BrokerProxy to the real broker, for the side of a test that should lose its connection."""
+    relay = BrokerProxy()
+    yield relay
+    relay.close()
 
 
 def wait_for_status(r: Rig, request_id: str, action: str, n_written: int = 0, timeout_s: float = 15.0) -> None:

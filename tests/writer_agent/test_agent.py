@@ -18,8 +18,7 @@ from core_buffer import broker
 from std_daq.client import DaqClient, NoAgentError, RequestNotTaken, RequestTimeout, progress_of
 from tests.e2e.protocol_client import ProtocolClient
 from tests.producer import expected_image
-from tests.writer_agent.broker_proxy import BrokerProxy
-from tests.writer_agent.rig import rig, wait_for_progress, wait_for_status  # noqa: F401 - rig is a fixture
+from tests.writer_agent.rig import proxy, rig, wait_for_progress, wait_for_status  # noqa: F401 - fixtures
 
 
 def assert_file_holds_pattern(config, path, n_expected=None):
@@ -285,13 +284,6 @@ def test_on_sigterm_the_running_and_the_queued_requests_each_get_a_final_status(
     assert sorted(p.name for p in r.out.iterdir()) == ["running.h5"]
     with pytest.raises(NoAgentError):  # the agent is gone: nothing is queued for it any more
         r.client.submit(str(r.out / "after.h5"), 5, tag=r.tag)
-
-
-@pytest.fixture
-def proxy():
-    relay = BrokerProxy()
-    yield relay
-    relay.close()
 
 
 def wait_for_agent_log(r, text: str, timeout_s: float = 20.0) -> None:
