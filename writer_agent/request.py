@@ -33,7 +33,8 @@ class WriteRequest:
     body: dict[str, Any]
 
 
-def _int(body: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+def _int(body: dict, key: str, lo: int, hi: int, default: int | None = None, hi_from: str = "") -> int:
+    """body[key] as an integer from lo to hi; `hi_from` names the config key that set hi, for the reason."""
     if key not in body:
         if default is None:
             raise BadRequest(f"the request lacks the key '{key}'")
@@ -42,7 +43,8 @@ def _int(body: dict, key: str, lo: int, hi: int, default: int | None = None) -> 
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"'{key}' must be an integer, got {type(value).__name__} {_short(value)}")
     if not lo <= value <= hi:
-        raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {value}")
+        origin = f" ({hi} is the detector config's {hi_from})" if hi_from and value > hi else ""
+        raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {value}{origin}")
     return value
 
 
@@ -67,7 +69,8 @@ def parse_request(request_id: str, body: bytes, *, output_dirs: tuple[str, ...],
         raise BadRequest("the request body nests JSON arrays or objects too deeply") from None
     if not isinstance(parsed, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(parsed).__name__}")
-    n_images = _int(parsed, "n_images", 1, min(max_images, MAX_U32))
+    n_images = _int(parsed, "n_images", 1, min(max_images, MAX_U32),
+                    hi_from="writer_agent.max_images" if max_images <= MAX_U32 else "")
     run_id = _int(parsed, "run_id", 0, MAX_U64, default=time.time_ns() // 1000)
     user_id = _int(parsed, "user_id", 0, MAX_U32, default=0)
     if "output_file" not in parsed:

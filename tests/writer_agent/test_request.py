@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,3 +47,11 @@ def test_a_good_request_keeps_its_extra_keys_and_defaults_run_and_user(tmp_path)
                     str(tmp_path))
     assert (request.n_images, request.user_id, request.body["sample"]) == (3, 0, "lysozyme")
     assert request.run_id > 0
+
+
+def test_a_count_above_the_maximum_is_refused_naming_the_config_key(tmp_path):
+    body = json.dumps({"output_file": f"{tmp_path}/a.h5", "n_images": 1001}).encode()
+    with pytest.raises(BadRequest) as refused:
+        parse(body, str(tmp_path))
+    assert str(refused.value) == ("'n_images' must be between 1 and 1000, got 1001 "
+                                  "(1000 is the detector config's writer_agent.max_images)")
