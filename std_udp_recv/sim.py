@@ -2,8 +2,8 @@
 
 Pixel content is core_buffer.pattern's, so tests recompute every pixel. Each module's packets for an image
 are built in one array: the pattern's bytes are laid out once, and per image only the header fields and
-the image-id stamp of every row change. Faults for tests are injected per frame: random or periodic
-packet drops (or a fixed list of packet numbers), duplicates, reordering within the frame (a shuffle, or
+the image-id stamp of every row change. Faults for tests are injected per frame: whole frames not sent, random or
+periodic packet drops (or a fixed list of packet numbers), duplicates, reordering within the frame (a shuffle, or
 swapped neighbours), and malformed datagrams of every kind the receiver must survive, sent in the middle
 of the frame's packets.
 """
@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core_buffer.config import DetectorConfig
-from core_buffer.detectors import GF_HEADER_DTYPE, GF_PROTOCOL_ID, GIGAFROST, SLS_HEADER_DTYPE, gigafrost_quadrant_link, pack_12bit
+from core_buffer.detectors import (EIGER, GF_HEADER_DTYPE, GF_PROTOCOL_ID, GIGAFROST, SLS_HEADER_DTYPE,
+                                   gigafrost_quadrant_link, pack_12bit)
+from core_buffer.errors import StdDaqError
 from core_buffer.pattern import STAMP_COLUMNS, frame_bytes, stamp
 from std_udp_recv.batch import IoVec, MMsgHdr, load_libc_function
 from std_udp_recv.packets import SLS_DETECTOR_TYPE, SLS_HEADER_VERSION
@@ -42,6 +44,36 @@ FOREIGN_ID_OFFSET = 1_000_003
 _SENDMMSG = load_libc_function("sendmmsg", [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int])
 
 
+class HostError(StdDaqError):
+    """The simulator's destination host does not resolve to an IPv4 address."""
+
+
+def resolve_ipv4(host: str) -> str:
+    """The IPv4 address of `host` (a name or an address), looked up once: the packets are sent to it with
+    prebuilt sockaddrs, so a name is never resolved per packet."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise HostError(f"cannot resolve host {host!r} to an IPv4 address: {exc}") from None
+    if not infos:
+        raise HostError(f"host {host!r} has no IPv4 address")
+    return infos[0][4][0]
+
+
+def eiger_port_place(config: DetectorConfig, module_id: int) -> tuple[int, int]:
+    """(row, column) of an Eiger half-module port in the detector, which its SLS header carries
+    (DETECTORS.md): with module_positions, the rank of the stream's top row among all streams' top rows
+    and of its left column among their left columns; without, the one-module layout of the default
+    geometry (streams 0 and 1 the top half, left and right; 2 and 3 the bottom half): m // 2, m % 2."""
+    positions = config.module_positions
+    if not positions:
+        return module_id // 2, module_id % 2
+    tops = sorted({min(p.y0, p.y1) for p in positions})
+    lefts = sorted({min(p.x0, p.x1) for p in positions})
+    p = positions[module_id]
+    return tops.index(min(p.y0, p.y1)), lefts.index(min(p.x0, p.x1))
+
+
 @dataclass
 class Faults:
     drop_fraction: float = 0.0  # each packet dropped with this probability
@@ -52,6 +84,8 @@ class Faults:
     seed: int = 1
     drop_packets: tuple[int, ...] = ()  # packet numbers dropped from every frame
     malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
+    drop_images: tuple[int, ...] = ()  # image ids whose frames are not sent at all (whole frames lost)
+    drop_images_modules: tuple[int, ...] | None = None  # ... by these modules only (default: every module)
 
     def __post_init__(self) -> None:
         if self.reorder is True:
@@ -75,6 +109,7 @@ class SimStats:
     duplicated: int = 0
     malformed: int = 0
     dropped_ids: list[int] = field(default_factory=list)
+    dropped_frames: int = 0  # whole frames not sent (Faults.drop_images)
     seconds: float = 0.0  # time run() took
 
     @property
@@ -151,7 +186,10 @@ class ModuleSender:
         else:
             h["packetnum"] = np.arange(n)
             h["moduleID"] = self.module_id
-            h["row"] = self.module_id % 2 if config.jungfrau_interfaces == 2 else self.module_id
+            if stream.detector_type == EIGER:
+                h["row"], h["column"] = eiger_port_place(config, self.module_id)
+            else:  # Jungfrau: modules stacked; with two interfaces, the half of the module
+                h["row"] = self.module_id % 2 if config.jungfrau_interfaces == 2 else self.module_id
             h["detectortype"] = SLS_DETECTOR_TYPE[stream.detector_type]
             h["headerVersion"] = SLS_HEADER_VERSION
 
@@ -181,9 +219,10 @@ class Simulator:
     def __init__(self, config: DetectorConfig, modules: list[int] | None = None, host: str = "127.0.0.1",
                  faults: Faults | None = None) -> None:
         self.config = config
+        address = resolve_ipv4(host)  # raises HostError
         self.senders = [ModuleSender(config, m) for m in (modules if modules is not None else range(config.n_modules))]
         for sender in self.senders:
-            sender.address = (host, sender.address[1])
+            sender.address = (address, sender.address[1])
             sender.prepare_sendmmsg()
         self.faults = faults or Faults()
         self.rng = random.Random(self.faults.seed)
@@ -257,6 +296,11 @@ class Simulator:
     def send_image(self, image_id: int) -> None:
         st, f = self.stats, self.faults
         for sender in self.senders:
+            if image_id in f.drop_images and (f.drop_images_modules is None
+                                               or sender.module_id in f.drop_images_modules):
+                st.dropped += len(sender.lengths)
+                st.dropped_frames += 1
+                continue
             sender.build(image_id)
             address = sender.address
             n = len(sender.lengths)

@@ -20,17 +20,27 @@ def _n_images(text: str) -> int | None:
 
 
 def _modules(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
-
-
-def _packet_numbers(text: str) -> tuple[int, ...]:
     try:
-        numbers = tuple(int(part) for part in text.split(",") if part)
+        return [int(part) for part in text.split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError("a comma-separated list of packet numbers, e.g. 0,5,127") from None
-    if any(k < 0 for k in numbers):
-        raise argparse.ArgumentTypeError("packet numbers are 0 or more")
-    return numbers
+        raise argparse.ArgumentTypeError("module numbers, comma- or space-separated, e.g. 0,1 or 0 1") from None
+
+
+def _numbers(what: str, example: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            numbers = tuple(int(part) for part in text.split(",") if part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {what}, e.g. {example}") from None
+        if any(k < 0 for k in numbers):
+            raise argparse.ArgumentTypeError(f"{what} are 0 or more")
+        return numbers
+
+    return parse
+
+
+_packet_numbers = _numbers("packet numbers", "0,5,127")
+_image_ids = _numbers("image ids", "3,4,5")
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -50,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=_n_images, default=100, metavar="N|forever")
     p.add_argument("--start-id", type=int, default=1, help="id of the first image (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="where the receivers listen (default 127.0.0.1)")
-    p.add_argument("--modules", type=_modules, default=None, help="comma-separated modules to send (default all)")
+    p.add_argument("--modules", type=_modules, nargs="+", default=None, metavar="M",
+                   help="modules to send, comma- or space-separated: 0,1 or 0 1 (default all)")
     faults = p.add_argument_group("fault injection")
     faults.add_argument("--drop", type=float, default=0.0, metavar="FRACTION", help="drop packets at random")
     faults.add_argument("--drop-every", type=int, default=0, metavar="N",
                         help="drop one packet of every image whose id is a multiple of N")
+    faults.add_argument("--drop-images", type=_image_ids, default=(), metavar="ID,ID,...",
+                        help="image ids whose frames are not sent at all (every module)")
     faults.add_argument("--duplicate", type=float, default=0.0, metavar="FRACTION", help="send packets twice")
     faults.add_argument("--drop-packets", type=_packet_numbers, default=(), metavar="K,K,...",
                         help="drop these packet numbers from every frame")
@@ -77,21 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"std_udp_sim: bad config: {exc}", file=sys.stderr)
         return 2
-    from std_udp_recv.sim import Faults, Simulator
+    from std_udp_recv.sim import Faults, HostError, Simulator
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    modules = args.modules
+    modules = None if args.modules is None else [m for group in args.modules for m in group]
     if modules is not None and any(not 0 <= m < config.n_modules for m in modules):
         print(f"std_udp_sim: --modules must be between 0 and {config.n_modules - 1}", file=sys.stderr)
         return 2
     faults = Faults(drop_fraction=args.drop, drop_every=args.drop_every, duplicate_fraction=args.duplicate,
                     reorder=args.reorder, malformed_per_frame=args.malformed, seed=args.seed,
-                    drop_packets=args.drop_packets)
+                    drop_packets=args.drop_packets, drop_images=args.drop_images)
     if args.malformed_kinds:
         faults.malformed_kinds = args.malformed_kinds
-    sim = Simulator(config, modules, args.host, faults)
+    try:
+        sim = Simulator(config, modules, args.host, faults)
+    except HostError as exc:
+        print(f"std_udp_sim: --host: {exc}", file=sys.stderr)
+        return 2
     try:
         stats = sim.run(args.rate, args.n_images, args.start_id, stop)
     finally:
