@@ -78,6 +78,8 @@ class Assembler:
                                                          np.dtype(self.dtype) in (np.uint16, np.float32))
         self.frames = FrameBuffer.for_config(config)
         self.images = ImageBuffer.for_config(config)
+        if not self.images.created:  # a fresh segment is all zero
+            self._clear_stale_gaps()
         if self.corrections.active:
             self.corrections.keep_gaps_zero(self.placer.coverage())
         self.sync = Synchronizer(config.n_modules, self.settings.sync_timeout_s, self.settings.max_pending,
@@ -103,6 +105,27 @@ class Assembler:
         self.sequence = 0
         log.info("assembling %d modules of %s into %s images %s, metadata on %s", config.n_modules,
                  config.detector_type, self.dtype, self.shape, image_metadata_address(config))
+
+    def _clear_stale_gaps(self) -> None:
+        """Gap pixels are never written, so they are zero only in a fresh segment. An attached segment may
+        hold images of an earlier run with other module positions (the same byte size passes the layout
+        check): a slot with anything but zero in this geometry's gaps holds no image of ours. Its gaps
+        are zeroed and it is marked invalid, so no reader takes it for an image of this geometry. A
+        restart with the same geometry finds zero gaps and changes nothing: the images in the ring stay
+        readable. Cost: reading the gap pixels of every slot once (docs/std_assembler.md)."""
+        gaps = np.flatnonzero(~self.placer.coverage())
+        if gaps.size == 0:  # the default Jungfrau stack, Gigafrost: no gaps
+            return
+        stale = 0
+        for slot in range(self.images.layout.n_slots):
+            pixels = self.images.slot_data(slot)[:self.image_bytes].view(self.dtype)
+            if pixels[gaps].any():  # (a copy of the gap pixels only)
+                self.images.begin_image(slot)  # slot < n_slots: marks this very slot invalid
+                pixels[gaps] = 0
+                stale += 1
+        if stale:
+            log.warning("%d ImageBuffer slots held pixels in this geometry's gaps (images of another "
+                        "geometry?): zeroed and marked invalid", stale)
 
     def _warm_up(self) -> None:
         """Compile (or load from numba's cache) the kernels for exactly the array layouts the images will

@@ -19,7 +19,7 @@ from core_buffer.errors import ConfigError, ImageLostError
 from core_buffer.formats import ImageMetadata, ModuleFrame
 from core_buffer.ipc import image_metadata_address, make_socket, module_frames_address
 from core_buffer.pattern import frame_bytes, frame_pattern
-from core_buffer.ringbuffer import FrameBuffer
+from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from std_assembler import kernels
 from std_assembler.assembler import Assembler
 from tests.e2e.expected import raw_image
@@ -312,6 +312,33 @@ def test_corrections_leave_a_missing_module_and_the_gaps_at_zero(rig, tmp_path):
     assert np.array_equal(image[:512, :1024], module_0)
     image[:512, :1024] = 0
     assert not image.any(), "the missing module's area or a gap is not zero"
+
+
+def test_an_attached_image_buffer_with_stale_pixels_in_the_gaps_has_them_zeroed_at_start(make_config):
+    """An ImageBuffer left by a run with other module positions of the same byte size: the slots that hold
+    pixels where this geometry has gaps are zeroed there and marked invalid; a slot whose gaps are zero
+    already (a restart with the same geometry) keeps its image."""
+    _, config = make_config(**GEOMETRIES["jungfrau-placed"])
+    old = ImageBuffer.for_config(config)
+    for slot in range(config.image_buffer_slots):
+        old.begin_image(slot)[:] = 0xFF  # an earlier run's images, covering every pixel
+    old.commit_image(ImageMetadata(3, 1100, 1030, 2))
+    old.begin_image(4)[:] = 0
+    old.slot_data(4)[:1024 * 2] = 7  # an image of this geometry: module 0's first row, gaps zero
+    old.commit_image(ImageMetadata(4, 1100, 1030, 2))
+    old.close()
+    r = Rig(config)
+    try:
+        gaps = ~r.assembler.placer.coverage()
+        assert gaps.any()
+        for slot in range(config.image_buffer_slots):
+            assert not r.image(ImageMetadata(slot, 1100, 1030, 2))[gaps].any(), f"slot {slot}"
+        with pytest.raises(ImageLostError):
+            r.assembler.images.read_meta(3)
+        assert r.assembler.images.read_meta(4).id == 4
+        assert (r.image(ImageMetadata(4, 1100, 1030, 2))[0, :1024] == 0x0707).all()
+    finally:
+        r.close()
 
 
 def test_a_gigafrost_image_without_one_stream_has_only_those_rows_zero(rig):
