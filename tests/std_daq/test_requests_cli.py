@@ -10,10 +10,13 @@ import threading
 import time
 
 import h5py
+import pytest
 
 from core_buffer import broker
 from std_daq.launcher import console_script
 from tests.writer_agent.rig import proxy, rig, wait_for_progress  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.broker
 
 
 def std_daq_env(url: str) -> dict[str, str]:
@@ -52,16 +55,21 @@ def request_id_of(stdout: str) -> str:
     return found.group(1)
 
 
-def test_write_wait_succeeds_exits_0_and_prints_the_file(rig):
+def test_write_wait_shows_a_progress_bar_exits_0_and_prints_the_file(rig):
     r = rig()
     path = r.out / "cli.h5"
-    result = std_daq(r.url, "write", str(path), "20", "--tag", r.tag, "--wait")
+    result = std_daq(r.url, "write", str(path), "200", "--tag", r.tag, "--wait")  # 1 s at 200 Hz
     assert result.returncode == 0, result.stdout + result.stderr + r.logs()
     assert "started by writer_agent" in result.stdout
-    assert "done: 20 images written, 0 lost, 0 missed by the agent" in result.stdout
+    # Not a terminal: each progress report on a line of its own. The writer reports every 0.2 s.
+    bars = re.findall(r"^  \[([#.]{40})\] (\d+)/200$", result.stdout, re.MULTILINE)
+    assert bars, result.stdout
+    assert [int(n) for _, n in bars] == sorted(int(n) for _, n in bars)
+    assert all(bar.count("#") == 40 * int(n) // 200 for bar, n in bars), bars
+    assert "done: 200 images written, 0 lost, 0 missed by the agent" in result.stdout
     assert result.stdout.rstrip().endswith(f"-> {path}")
     with h5py.File(path, "r") as f:
-        assert f["/entry/data/data"].shape[0] == 20
+        assert f["/entry/data/data"].shape[0] == 200
 
 
 def test_write_wait_of_a_bad_request_exits_1_printing_the_reason(rig):

@@ -20,6 +20,8 @@ from tests.e2e.protocol_client import ProtocolClient
 from tests.producer import expected_image
 from tests.writer_agent.rig import proxy, rig, wait_for_progress, wait_for_status  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.broker
+
 
 def assert_file_holds_pattern(config, path, n_expected=None):
     with h5py.File(path, "r") as f:
@@ -233,6 +235,17 @@ def test_a_writer_that_connects_late_gets_the_images_that_come_after_it_is_ready
     assert_file_holds_pattern(r.config, path, 50)
     with h5py.File(path, "r") as f:
         assert f[f"/{r.tag}/image_id"][0] >= first_after_ready  # not the images queued while it waited
+
+
+def test_wait_raises_request_timeout_when_the_final_status_does_not_come_in_time(rig):
+    r = rig(rate_hz=0)  # no images: the write is started and never ends
+    request_id = r.client.submit(str(r.out / "no-images.h5"), 5, tag=r.tag)
+    with pytest.raises(RequestTimeout, match=r"no final status within 1.5 s \(received: request_start") as waited:
+        r.client.wait(request_id, timeout_s=1.5)
+    assert not isinstance(waited.value, RequestNotTaken)  # it was taken
+    r.client.kill(request_id, tag=r.tag)
+    killed = r.client.wait(request_id, timeout_s=15)  # the statuses before the timeout are not lost
+    assert not killed.ok and "interrupted by a kill after 0 of 5" in killed.message, killed.message
 
 
 def test_a_request_for_a_tag_nobody_serves_fails_at_once(broker_url, detector_name):
