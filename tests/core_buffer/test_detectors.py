@@ -29,6 +29,22 @@ def test_jungfrau_streams():
     assert (two.packets_per_frame, two.frame_height, two.frame_bytes) == (64, 256, 1024 * 256 * 2)
 
 
+def test_a_jungfrau_frame_is_512_rows_of_1024_pixels():
+    stream = detectors.jungfrau_stream(1)
+    assert (stream.frame_height, stream.frame_width) == (512, 1024)
+    assert stream.pixel_dtype == np.dtype("<u2")
+    assert stream.frame_bytes == 512 * 1024 * 2  # 1 MiB (DESIGN.md §2)
+    half = detectors.jungfrau_stream(2)  # two-interface mode: each stream half the rows
+    assert (half.frame_height, half.frame_width) == (256, 1024)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+def test_an_eiger_frame_is_256_rows_of_512_pixels_at_every_bit_depth(bits):
+    stream = detectors.eiger_stream(bits)
+    assert (stream.frame_height, stream.frame_width) == (256, 512)
+    assert stream.frame_bytes == 256 * 512 * bits // 8
+
+
 @pytest.mark.parametrize("bits,packets", [(8, 32), (16, 64), (32, 128)])
 def test_eiger_streams(bits, packets):
     stream = detectors.eiger_stream(bits)

@@ -2,10 +2,13 @@
 command they name is one of the project's console scripts."""
 import ast
 import configparser
+import importlib
+import inspect
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,16 +44,40 @@ def console_scripts() -> set[str]:
     return {entry.split("=")[0].strip() for entry in ast.literal_eval(scripts)}
 
 
-def test_every_console_script_target_is_importable():
+def console_script_entries() -> list[tuple[str, str, str]]:
+    """(script, module, function) of every console script setup.py declares."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     scripts = next(node.value for node in tree.body if isinstance(node, ast.Assign)
                    and node.targets[0].id == "SERVICE_SCRIPTS")
+    entries = []
     for entry in ast.literal_eval(scripts):
         name, target = (part.strip() for part in entry.split("="))
         module, func = target.split(":")
-        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{name}: no module {module}"
-        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
-        assert re.search(rf"^def {func}\(", source, re.M), f"{name}: {module} has no {func}()"
+        entries.append((name, module, func))
+    return entries
+
+
+@pytest.mark.parametrize("name,module,func", console_script_entries(), ids=lambda v: str(v))
+def test_every_console_script_target_imports_and_is_callable(name, module, func):
+    target = getattr(importlib.import_module(module), func, None)
+    assert target is not None, f"{name}: {module} has no {func}"
+    assert callable(target), f"{name}: {module}.{func} is not callable"
+    assert Path(inspect.getfile(importlib.import_module(module))).resolve().is_relative_to(ROOT), \
+        f"{name}: {module} is not imported from this checkout"
+
+
+def test_every_service_script_runs_as_python_dash_m_of_its_package():
+    """STYLE.md: every service package has a __main__.py, so `python -m <package>` is its console script."""
+    for name, module, func in console_script_entries():
+        package = module.split(".")[0]
+        if package == "std_udp_recv" and name == "std_udp_sim":
+            continue  # the simulator lives in the receiver's package, which has one __main__
+        main = ROOT / package / "__main__.py"
+        assert main.is_file(), f"{package} has no __main__.py"
+        result = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True,
+                                timeout=60, cwd=ROOT)
+        assert result.returncode == 0, f"python -m {package} --help: {result.stderr[-2000:]}"
+        assert "usage:" in result.stdout.lower()
 
 
 def test_compose_file_parses_and_runs_only_project_commands():

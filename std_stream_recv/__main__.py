@@ -1,0 +1,3 @@
+from std_stream_recv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from std_stream_send.cli import main
+
+raise SystemExit(main())

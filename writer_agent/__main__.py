@@ -1,0 +1,3 @@
+from writer_agent.cli import main
+
+raise SystemExit(main())
