@@ -1,5 +1,5 @@
-"""`std-daq up CONFIG` as an operator runs it: the console script as a process of its own, a service
-killed under it, then SIGTERM to the launcher."""
+"""`std-daq up CONFIG` as an operator runs it: the console script as a process of its own, the assembler
+killed under it in the middle of a write while the simulator sends, then SIGTERM to the launcher."""
 from __future__ import annotations
 
 import os
@@ -11,12 +11,16 @@ import threading
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import psutil
 import pytest
 
 from core_buffer.ringbuffer import SHM_DIR
 from std_daq import status
+from std_daq.launcher import console_script
 from tests.conftest import free_tcp_port_block
+from tests.e2e.expected import raw_image
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 60.0  # a safety limit: every service stops well within its 15 s grace period
@@ -63,11 +67,17 @@ def wait_until_up(config, output: Output, timeout_s: float = READY_TIMEOUT_S) ->
     raise AssertionError(f"services not answering after {timeout_s} s: {down}\n{output.text()[-6000:]}")
 
 
+def assembler_metric(config, name: str) -> float | None:
+    return next(((m.values or {}).get(name) for m in status.scrape(config) if m.label == "std_assembler"), None)
+
+
 @pytest.mark.broker
-def test_up_restarts_a_killed_service_and_stops_everything_cleanly_on_sigterm(make_config, broker_url, tmp_path):
+def test_up_restarts_the_assembler_killed_mid_write_the_run_recovers_and_sigterm_stops_everything(
+        make_config, broker_url, client, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    config_path, config = make_config(output_dirs=[str(out)], frame_buffer_slots=32, image_buffer_slots=64,
+    config_path, config = make_config(output_dirs=[str(out)], frame_buffer_slots=64, image_buffer_slots=128,
+                                      writer={"status_interval_s": 0.2},
                                       metrics={"host": "127.0.0.1", "base_port": free_tcp_port_block(12)})
     segments = [Path(SHM_DIR) / f"{config.namespace}-{config.detector_name}-{kind}" for kind in ("frames", "images")]
     std_daq = shutil.which("std-daq")
@@ -75,6 +85,7 @@ def test_up_restarts_a_killed_service_and_stops_everything_cleanly_on_sigterm(ma
     up = subprocess.Popen([std_daq, "up", str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, text=True, env={**os.environ, "STD_DAQ_BROKER_URL": broker_url})
     output = Output(up.stdout)
+    sim = None
     try:
         wait_until_up(config, output)
         deadline = time.monotonic() + READY_TIMEOUT_S  # a service creates its segment as it starts its loop
@@ -82,12 +93,31 @@ def test_up_restarts_a_killed_service_and_stops_everything_cleanly_on_sigterm(ma
             time.sleep(0.1)
         assert all(seg.exists() for seg in segments), [str(seg) for seg in segments if not seg.exists()]
 
+        sim = subprocess.Popen([console_script("std_udp_sim"), str(config_path), "--rate", "100",
+                                "--n-images", "forever"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out_file = out / "across-the-crash.h5"
+        request_id = client.send_write(config.detector_name, {"output_file": str(out_file), "n_images": 200})
+        client.wait(request_id, timeout_s=30, until="request_progress")  # the write is open and under way
+
         killed = int(output.wait_for(r"started assembler \(pid (\d+)\)").group(1))
+        last_before = assembler_metric(config, "last_image_id")
         os.kill(killed, signal.SIGKILL)
         output.wait_for(r"assembler exited with code -9; restarting in")
         restarted = int(output.wait_for(r"restarted assembler \(pid (\d+), restart 1\)").group(1))
         assert restarted != killed
-        wait_until_up(config, output)  # the new assembler answers on the same metrics endpoint
+
+        outcome = client.wait(request_id, timeout_s=60)
+        assert outcome.final_action in ("request_success", "request_fail"), outcome
+        assert outcome.succeeded, f"{outcome}\n{output.text()[-6000:]}"
+        assert assembler_metric(config, "images") > 0  # the new assembler's own counters, on the same endpoint
+        with h5py.File(out_file, "r") as f:
+            data, ids = f["entry/data/data"][:], f[f"{config.detector_name}/image_id"][:]
+            statuses = f[f"{config.detector_name}/status"][:]
+        # Well past the kill (0.1 s at 100 Hz): only the restarted assembler can have assembled these.
+        after = [i for i, image_id in enumerate(ids) if image_id > last_before + 10]
+        assert after, f"no image after the restart in the file: ids {ids.min()}..{ids.max()}, killed at {last_before}"
+        for i in after:
+            assert statuses[i] == 0 and np.array_equal(data[i], raw_image(config, int(ids[i]))), int(ids[i])
 
         children = psutil.Process(up.pid).children(recursive=True)
         assert {restarted} <= {c.pid for c in children}
@@ -105,6 +135,9 @@ def test_up_restarts_a_killed_service_and_stops_everything_cleanly_on_sigterm(ma
         assert stops == sorted(stops), text  # receivers first, the writer last
         assert f"removed shared memory: {segments[0].name}, {segments[1].name}" in text
     finally:
+        if sim is not None:
+            sim.terminate()
+            sim.wait(timeout=10)
         if up.poll() is None:  # the test failed before the stop: still stop cleanly, then make sure
             up.terminate()
             try:
