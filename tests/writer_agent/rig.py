@@ -85,6 +85,7 @@ class Rig:
             self.client.close()
         self.agent.stop()
         self.writer.stop()
+        self.producer.images.unlink()  # the producer created the ImageBuffer; services never unlink
         self.producer.close()
 
 
