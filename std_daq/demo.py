@@ -3,9 +3,10 @@
 It writes a runtime copy of the config (output directory, metrics ports) into the demo directory, starts
 every service with the launcher (their logs go to `services.log` there), sends simulated detector data
 with std_udp_sim, asks for a write of N images over RabbitMQ (or, with no usable broker, straight to
-std_h5_writer, and says so and why: nothing listening, a refused login), shows the progress, then stops everything and prints a summary: images
-received and written, packets lost, rates, and the file, which it re-opens and checks pixel by pixel
-against the simulator's pattern.
+std_h5_writer, and says so and why: nothing listening, a refused login), shows the progress, then stops
+everything and prints a summary: images received and written, packets lost, rates, and the file, which it
+re-opens and checks pixel by pixel against the simulator's pattern. Ctrl-C and SIGTERM stop it the same way
+(services in order, shared memory removed). It keeps only the latest demo file in its directory.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,14 +135,31 @@ class BrokerCheck:
     hint: str = ""  # what to do about it
 
 
+DOCKER_INFO_TIMEOUT_S = 5.0
+
+
+def docker_engine_answers() -> bool:
+    """Whether a Docker engine answers, not only whether the client is installed (these machines have the
+    client and no engine)."""
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, timeout=DOCKER_INFO_TIMEOUT_S).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def broker_start_command() -> str:
-    """The one command that starts a local broker, runnable from any directory: the repository's script
-    (by absolute path) in a source checkout, else the broker itself, else a container, else the package."""
-    if REPO_BROKER_SCRIPT.is_file():
-        return f"bash {shlex.quote(str(REPO_BROKER_SCRIPT))}"
+    """The one command that starts a local broker, runnable from any directory: with rabbitmq-server
+    installed, the repository's script (by absolute path, it also waits until the broker answers) in a
+    source checkout, else the broker itself; else a container when a Docker engine answers; else what to
+    install. The script only starts an installed rabbitmq-server, so it is offered only then."""
     if shutil.which("rabbitmq-server"):
+        if REPO_BROKER_SCRIPT.is_file():
+            return f"bash {shlex.quote(str(REPO_BROKER_SCRIPT))}"
         return "rabbitmq-server -detached"
-    if shutil.which("docker"):
+    if docker_engine_answers():
         return "docker run -d --name rabbitmq -p 127.0.0.1:5672:5672 rabbitmq:3-management"
     return "sudo apt-get install rabbitmq-server   (Debian/Ubuntu start it on installation)"
 
@@ -275,6 +294,31 @@ def demo_lock(config: DetectorConfig) -> IO[str] | None:
     return handle
 
 
+DEMO_FILE = re.compile(r"^demo-\d{8}-\d{6}\.h5$")  # the name _run_demo gives its file
+
+
+def remove_earlier_demo_files(root: Path) -> list[tuple[Path, int]]:
+    """Remove the files of earlier demo runs in the demo directory (only names the demo gives its files):
+    each run writes some 400 MiB, and the demo keeps only the latest file. Returns (path, bytes) removed."""
+    removed = []
+    for path in sorted(root.iterdir()):
+        if DEMO_FILE.match(path.name) and path.is_file() and not path.is_symlink():
+            size = path.stat().st_size
+            path.unlink()
+            removed.append((path, size))
+    return removed
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: the simulator and the services
+    are stopped in order and the shared memory removed by the same `finally` blocks."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the stop short
+    raise Terminated()
+
+
 def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
              workdir: str | None = None) -> int:
     root = Path(workdir or "std-daq-demo").resolve()
@@ -285,18 +329,25 @@ def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
         say(f"std-daq demo: another std-daq demo is running on this machine (detector {config.detector_name}); "
             "wait for it to finish")
         return 1
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run_demo(config_path, config, root, n_images, rate_hz)
     except KeyboardInterrupt:
         say("\nstd-daq demo: interrupted; the services are stopped and their shared memory removed")
         return 130
+    except Terminated:
+        say("\nstd-daq demo: terminated (SIGTERM); the services are stopped and their shared memory removed")
+        return 128 + signal.SIGTERM
     finally:
+        signal.signal(signal.SIGTERM, previous)
         lock.close()
 
 
 def _run_demo(config_path: str, config: DetectorConfig, root: Path, n_images: int, rate_hz: float) -> int:
     say(f"std-daq demo: a {config.n_modules}-module Jungfrau ({config.image_pixel_height} x "
         f"{config.image_pixel_width} px) simulated at {rate_hz:g} Hz on this machine")
+    for path, size in remove_earlier_demo_files(root):
+        say(f"  removed the previous demo file {path} ({size / 2**20:.0f} MiB): the demo keeps only the latest")
     broker = check_broker()
     if broker.usable:
         say(f"  RabbitMQ at {broker.where}: the write request goes through it, as from a beamline control system")
@@ -379,7 +430,8 @@ def summarise(config: DetectorConfig, outcome: WriteOutcome, output_file: str,
         say(f"  the file {output_file} does not exist")
         return 1
     n, good, note = check_file(config, output_file)
-    say(f"  file:              {output_file} ({os.path.getsize(output_file) / 2**20:.0f} MiB)")
+    say(f"  file:              {output_file} ({os.path.getsize(output_file) / 2**20:.0f} MiB; the next demo "
+        "run replaces it)")
     say(f"  re-opened:         {n} images, {good} equal to the simulator's pattern pixel for pixel ({note})")
     say(f"  read it with:      python -c \"import h5py; print(h5py.File('{output_file}')['entry/data/data'])\"")
     return 0 if good == n == n_images else 1

@@ -7,8 +7,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -140,6 +143,58 @@ def test_a_broker_write_that_fails_is_a_failed_write_not_a_traceback(make_config
     outcome = demo.write_via_broker(config, "/nowhere/x.h5", 10, timeout_s=5)
     assert not outcome.ok
     assert all(text in outcome.detail for text in expected), outcome.detail
+
+
+def test_the_broker_hint_says_what_to_install_without_rabbitmq_server_or_a_docker_engine(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # A docker client with no engine behind it, as on these machines: `docker info` fails.
+    (bin_dir / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert demo.broker_start_command().startswith("sudo apt-get install rabbitmq-server")
+    (bin_dir / "docker").unlink()
+    assert demo.broker_start_command().startswith("sudo apt-get install rabbitmq-server")
+
+
+def test_sigterm_stops_the_demo_mid_write_and_removes_its_shared_memory(tmp_path):
+    """A real demo process (direct write, no broker), SIGTERM while it writes: services stopped in order,
+    segments removed, exit 143; and the file of an earlier demo run in the directory was replaced."""
+    earlier = tmp_path / "demo-20260101-120000.h5"
+    earlier.write_bytes(b"\0" * 4096)
+    mine = tmp_path / "mine.h5"  # not a name the demo gives its files: kept
+    mine.write_bytes(b"\0")
+    url = f"amqp://guest:guest@127.0.0.1:{closed_local_port()}/%2F"
+    proc = subprocess.Popen([shutil.which("std-daq"), "demo", "--images", "100000", "--rate", "50", "--dir",
+                             str(tmp_path)], cwd=tmp_path, env={**os.environ, "STD_DAQ_BROKER_URL": url},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("writing [" in line for line in lines) and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert any("asking for 100000 images" in line for line in lines), "".join(lines)
+        time.sleep(0.5)  # images under way
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    proc.stdout.close()
+    output = "".join(lines)
+    assert "terminated (SIGTERM); the services are stopped and their shared memory removed" in output
+    assert "Traceback" not in output
+    assert f"removed the previous demo file {earlier}" in output
+    assert not earlier.exists() and mine.exists()
+    services_log = (tmp_path / "services.log").read_text()
+    assert "[std-daq up] stopped udp_recv-0 (exit code 0)" in services_log, services_log[-3000:]
+    assert_nothing_left_behind()
 
 
 def test_demo_refuses_a_count_of_no_images_before_starting_anything(tmp_path):
