@@ -1,5 +1,9 @@
 """`std-daq up CONFIG`: run every service of one detector as child processes.
 
+On a detector server these are a std_udp_recv per module, std_assembler, std_stream_send when the config
+has a `stream_send` address, writer_agent and std_h5_writer. A replica server's config (one with
+`stream_recv.bind`, see `is_replica`) runs std_stream_recv in place of the receivers and the assembler.
+
 The launcher starts the services downstream first (writer, agent, stream sender, assembler, then the
 receivers), so nothing upstream produces before its consumer listens; it stops them in the opposite order
 (receivers first: stop intake, then let each stage drain), each with SIGTERM and a grace period before
@@ -93,11 +97,22 @@ class _Child:
     pump: threading.Thread | None = field(default=None, repr=False)
 
 
+def is_replica(config: DetectorConfig) -> bool:
+    """Whether the config describes a replica server: it receives the images from std_stream_send
+    (`stream_recv.bind`) instead of assembling them. std_stream_recv then publishes the ImageMetadata on
+    the address std_assembler would use (docs/std_stream.md), so one config never runs both."""
+    return bool(config.sections.get("stream_recv", {}).get("bind"))
+
+
 def pipeline_services(config_path: str, config: DetectorConfig) -> list[ServiceSpec]:
-    """The services of a detector's pipeline, with their command lines."""
-    specs = [ServiceSpec(f"udp_recv-{m}", [console_script("std_udp_recv"), config_path, str(m)], 0)
-             for m in range(config.n_modules)]
-    specs.append(ServiceSpec("assembler", [console_script("std_assembler"), config_path], 1))
+    """The services of a detector's pipeline, with their command lines: receivers and assembler on the
+    detector server, std_stream_recv in their place on a replica server (`is_replica`)."""
+    if is_replica(config):
+        specs = [ServiceSpec("stream_recv", [console_script("std_stream_recv"), config_path], 1)]
+    else:
+        specs = [ServiceSpec(f"udp_recv-{m}", [console_script("std_udp_recv"), config_path, str(m)], 0)
+                 for m in range(config.n_modules)]
+        specs.append(ServiceSpec("assembler", [console_script("std_assembler"), config_path], 1))
     stream = config.sections.get("stream_send", {})
     if stream.get("to") or stream.get("live"):  # the addresses come from the config
         specs.append(ServiceSpec("stream_send", [console_script("std_stream_send"), config_path], 2))
@@ -219,5 +234,7 @@ def run_up(config_path: str, config: DetectorConfig) -> int:
     launcher = Launcher(pipeline_services(os.path.abspath(config_path), config))
     launcher.cleanup = lambda: launcher.say(
         f"removed shared memory: {', '.join(remove_buffers(config)) or 'none left'}")
-    launcher.say(f"detector {config.detector_name}: {len(launcher.children)} services; Ctrl-C stops them")
+    where = (f" (replica server: images from std_stream_send on {config.sections['stream_recv']['bind']})"
+             if is_replica(config) else "")
+    launcher.say(f"detector {config.detector_name}{where}: {len(launcher.children)} services; Ctrl-C stops them")
     return launcher.run(stop)

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core_buffer.config import DetectorConfig
 from core_buffer.metrics import metrics_endpoint
+from std_daq.launcher import is_replica
 
 SCRAPE_TIMEOUT_S = 1.0
 
@@ -24,14 +25,15 @@ class ServiceMetrics:
 
 def service_endpoints(config: DetectorConfig) -> list[tuple[str, str, tuple[str, int]]]:
     """(label, service, (host, port)) of every service that serves metrics for this config."""
+    replica = is_replica(config)  # std_stream_recv in place of the receivers and the assembler
     out = []
-    for m in range(config.n_modules):
+    for m in range(0 if replica else config.n_modules):
         endpoint = metrics_endpoint(config, "std_udp_recv", m)
         if endpoint:
             out.append((f"std_udp_recv-{m}", "std_udp_recv", endpoint))
     stream_send = config.sections.get("stream_send", {})
-    running = {"std_assembler": True, "std_stream_send": bool(stream_send.get("to") or stream_send.get("live")),
-               "std_stream_recv": bool(config.sections.get("stream_recv", {}).get("bind")),
+    running = {"std_assembler": not replica, "std_stream_recv": replica,
+               "std_stream_send": bool(stream_send.get("to") or stream_send.get("live")),
                "writer_agent": True, "std_h5_writer": True}
     for service, configured in running.items():
         endpoint = metrics_endpoint(config, service) if configured else None
@@ -69,7 +71,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "std_assembler": ("images", "images_missing_packets", "images_missing_module", "images_mismatch",
                       "images_dropped", "last_image_id"),
     "std_stream_send": ("images_sent", "images_dropped", "images_lost"),
-    "std_stream_recv": ("images", "sequence_gaps"),
+    "std_stream_recv": ("images", "sequence_gaps", "torn_images", "unconfirmed_images", "last_image_id"),
     "writer_agent": ("requests", "requests_succeeded", "requests_failed", "sequence_gaps"),
     "std_h5_writer": ("writing", "images_written", "images_lost", "last_written_id", "files_finished",
                       "files_failed"),
@@ -111,9 +113,21 @@ def summarise(first: list[ServiceMetrics], second: list[ServiceMetrics], interva
     return lines
 
 
+# Who fills the ImageBuffer the writer reads: the assembler, or std_stream_recv on a replica server.
+PRODUCERS = ("std_assembler", "std_stream_recv")
+
+
+def _producer_last_id(values: dict[str, dict[str, float]]) -> float | None:
+    for label in PRODUCERS:
+        if "last_image_id" in values.get(label, {}):
+            return values[label]["last_image_id"]
+    return None
+
+
 def writer_lag(first: list[ServiceMetrics], second: list[ServiceMetrics]) -> int | None:
-    """Images the writer is behind the assembler while it writes a file; None when it is idle, has not
-    written an image between the two scrapes, or either service does not say.
+    """Images the writer is behind the producer (the assembler, or std_stream_recv on a replica server)
+    while it writes a file; None when it is idle, has not written an image between the two scrapes, or
+    either service does not say.
 
     last_written_id is the id of the last image the writer wrote, in this run or an earlier one, so it
     measures the lag only while a run is on and writing: an idle writer is not behind, it has nothing to
@@ -122,7 +136,7 @@ def writer_lag(first: list[ServiceMetrics], second: list[ServiceMetrics]) -> int
     before = {m.label: m.values or {} for m in first}.get("std_h5_writer", {})
     values = {m.label: m.values or {} for m in second}
     writer = values.get("std_h5_writer", {})
-    last = values.get("std_assembler", {}).get("last_image_id")
+    last = _producer_last_id(values)
     written = writer.get("last_written_id")
     if last is None or written is None or not writer.get("writing"):
         return None
@@ -155,7 +169,8 @@ def format_status(config: DetectorConfig, lines: list[StatusLine], lag: int | No
     if state == "idle":
         out.append("  writer idle (no file being written)")
     elif state == "writing":
-        out.append("  writer writing, " + (f"{lag} images behind the assembler" if lag is not None
+        producer = "stream receiver" if is_replica(config) else "assembler"
+        out.append("  writer writing, " + (f"{lag} images behind the {producer}" if lag is not None
                                              else "no image written between the two scrapes"))
     return "\n".join(out)
 

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 
 import h5py
 import numpy as np
 import pytest
 
-from core_buffer.pattern import STAMP_COLUMNS
-from std_daq.launcher import ServiceSpec, console_script
 from tests.conftest import free_tcp_port_block
 from tests.e2e.expected import converted_image, raw_image
 
@@ -121,17 +116,16 @@ def test_eiger_two_half_modules_file_equals_the_simulated_pattern(pipeline_confi
 
 def test_a_write_on_the_replica_server_equals_the_originals(pipeline_config, pipelines, client, tmp_path):
     """Detector server: the pipeline plus std_stream_send. "Other server": std_stream_recv, writer_agent and
-    std_h5_writer in their own namespace (own shared memory and ipc names), as on a second machine."""
+    std_h5_writer in their own namespace (own shared memory and ipc names), as on a second machine; the
+    launcher picks those services itself from the replica's config (stream_recv.bind), as `std-daq up` does."""
     port = free_tcp_port_block(1)
     path, config = pipeline_config(n_modules=2, image_pixel_height=1024,
                                    stream_send={"to": f"tcp://127.0.0.1:{port}"})
     replica_path, replica = pipeline_config(n_modules=2, image_pixel_height=1024, namespace="replica",
                                             stream_recv={"bind": f"tcp://127.0.0.1:{port}"},
                                             writer_agent={"tag": config.detector_name + "-replica"})
-    replica_side = pipelines(replica_path, replica, specs=[
-        ServiceSpec(label, [console_script(script), str(replica_path)], rank)
-        for rank, (label, script) in enumerate((("stream_recv", "std_stream_recv"),
-                                                ("writer_agent", "writer_agent"), ("h5_writer", "std_h5_writer")))])
+    replica_side = pipelines(replica_path, replica)
+    assert [c.spec.label for c in replica_side.launcher.children] == ["stream_recv", "writer_agent", "h5_writer"]
     detector_side = pipelines(path, config)
     detector_side.simulate("--rate", RATE_HZ, "--n-images", "forever")
     out_file = str(tmp_path / "out" / "replica.h5")

@@ -146,3 +146,41 @@ def test_up_restarts_the_assembler_killed_mid_write_the_run_recovers_and_sigterm
                 up.kill()
                 up.wait()
         up.stdout.close()
+
+
+@pytest.mark.broker
+def test_up_with_a_replica_config_runs_the_replica_servers_services(make_config, broker_url, tmp_path):
+    """A config with stream_recv.bind describes a replica server: `std-daq up` runs std_stream_recv in place
+    of the receivers and the assembler (the data through them: test_pipeline's replica test)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config_path, config = make_config(output_dirs=[str(out)], image_buffer_slots=16, namespace="replica",
+                                      stream_recv={"bind": f"tcp://127.0.0.1:{free_tcp_port_block(1)}"},
+                                      metrics={"host": "127.0.0.1", "base_port": free_tcp_port_block(12)})
+    segment = Path(SHM_DIR) / f"replica-{config.detector_name}-images"
+    up = subprocess.Popen([shutil.which("std-daq"), "up", str(config_path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                          env={**os.environ, "STD_DAQ_BROKER_URL": broker_url})
+    output = Output(up.stdout)
+    try:
+        output.wait_for(r"\(replica server: images from std_stream_send on tcp://127\.0\.0\.1:\d+\): 3 services")
+        wait_until_up(config, output)  # std_stream_recv, writer_agent, std_h5_writer answer
+        assert [m.label for m in status.scrape(config)] == ["std_stream_recv", "writer_agent", "std_h5_writer"]
+        assert segment.exists()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=STOP_TIMEOUT_S) == 0
+        output.join()
+        text = output.text()
+        stops = [text.index(f"stopped {label} (exit code 0)") for label in ("stream_recv", "writer_agent", "h5_writer")]
+        assert stops == sorted(stops), text
+        assert "udp_recv" not in text and "started assembler" not in text
+        assert not segment.exists()
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            try:
+                up.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        up.stdout.close()

@@ -132,3 +132,19 @@ def test_children_are_stopped_when_the_launcher_itself_is_killed(tmp_path):
         parent.stdout.close()
         if child is not None and child.is_running():  # no longer ours once orphaned: the leak guard misses it
             child.kill()
+
+
+def test_a_replica_config_runs_std_stream_recv_in_place_of_the_receivers_and_the_assembler(make_config):
+    from std_daq.launcher import is_replica, pipeline_services
+
+    _, detector = make_config(n_modules=2, image_pixel_height=1024, stream_send={"to": "tcp://127.0.0.1:9610"})
+    _, replica = make_config(n_modules=2, image_pixel_height=1024, namespace="replica",
+                             stream_recv={"bind": "tcp://127.0.0.1:9610"})
+    assert not is_replica(detector) and is_replica(replica)
+    assert [s.label for s in pipeline_services("d.json", detector)] == \
+        ["udp_recv-0", "udp_recv-1", "assembler", "stream_send", "writer_agent", "h5_writer"]
+    specs = pipeline_services("r.json", replica)
+    assert [s.label for s in specs] == ["stream_recv", "writer_agent", "h5_writer"]
+    assert os.path.basename(specs[0].argv[0]) == "std_stream_recv" and specs[0].argv[1] == "r.json"
+    # The stream receiver is the replica's producer: it stops before the agent and the writer.
+    assert specs[0].stop_rank < specs[1].stop_rank < specs[2].stop_rank

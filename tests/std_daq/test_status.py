@@ -52,3 +52,18 @@ def test_a_run_that_has_not_written_yet_shows_no_lag_from_the_last_run():
     assert writer_state(second) == "writing"
     assert writer_lag(first, second) is None
     assert writer_lag(second, scraped(5100, 1, 5090)) == 10  # its first images are written
+
+
+def test_a_replica_servers_status_shows_its_stream_receiver_and_the_writer_behind_it(make_config):
+    from std_daq.status import service_endpoints
+
+    _, config = make_config(n_modules=2, image_pixel_height=1024, namespace="replica",
+                            stream_recv={"bind": "tcp://127.0.0.1:9610"}, metrics={"base_port": 9700})
+    assert [label for label, _, _ in service_endpoints(config)] == ["std_stream_recv", "writer_agent", "std_h5_writer"]
+    first = [ServiceMetrics("std_stream_recv", "", {"last_image_id": 4900, "images": 10}),
+             ServiceMetrics("std_h5_writer", "", {"writing": 1, "last_written_id": 4890})]
+    second = [ServiceMetrics("std_stream_recv", "", {"last_image_id": 5000, "images": 110}),
+              ServiceMetrics("std_h5_writer", "", {"writing": 1, "last_written_id": 4993})]
+    assert writer_lag(first, second) == 7
+    text = format_status(config, summarise(first, second, 1.0), writer_lag(first, second), writer_state(second))
+    assert "writer writing, 7 images behind the stream receiver" in text
