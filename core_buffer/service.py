@@ -4,7 +4,10 @@ Signal handlers only set a stop event; the loop notices it within one poll timeo
 a kill. Shutdown order: `stop()` (stop intake, finish or drain what is in flight), then `close()` (close
 outputs and sockets), then a final statistics line. Statistics are plain counters in the hot path and a
 frozen snapshot taken by the loop at a fixed interval, printed twice: a human-readable log line, and an
-InfluxDB line-protocol line on stdout (as the std-daq dashboards' telegraf reads it).
+InfluxDB line-protocol line on stdout in the form the existing std-daq dashboards read (docs/design-choices.md,
+"Statistics"): measurement = the service name, tag `detector_name` (plus the service's own, e.g. std_udp_recv's
+`module_id`), then the service's per-interval fields (std_udp_recv: the legacy `n_missed_packets`,
+`n_corrupted_frames`, `repetition_rate`), then every counter and rate, then the timestamp in ns.
 """
 from __future__ import annotations
 
@@ -97,18 +100,29 @@ def influx_line(measurement: str, tags: Mapping[str, str], fields: Mapping[str, 
     return f"{esc(measurement)}{tag_text} {field_text} {timestamp_ns}"
 
 
+IntervalFields = Callable[[Mapping[str, int | float], Mapping[str, int | float], float], Mapping[str, int | float]]
+
+
 class StatsReporter:
-    """Prints a statistics snapshot at a fixed interval, with per-second rates of the named counters."""
+    """Prints a statistics snapshot at a fixed interval, with per-second rates of the named counters.
+
+    `tags` are the InfluxDB tags (`detector_name=...`, ...): the Prometheus labels are a separate mapping
+    (core_buffer.metrics), which `std-daq status` and existing scrapes rely on. `interval_fields(now,
+    before, elapsed_s)` gives fields computed over the interval (e.g. std_udp_recv's legacy
+    `n_missed_packets`); they come first in the InfluxDB line, before the cumulative counters."""
 
     def __init__(self, service_name: str, tags: Mapping[str, str], interval_s: float,
                  rates: tuple[str, ...] = (), out: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.measurement = "std_daq_" + service_name
+                 clock: Callable[[], float] = time.monotonic, interval_fields: IntervalFields | None = None,
+                 time_ns: Callable[[], int] = time.time_ns) -> None:
+        self.measurement = service_name  # as the existing std-daq services print it, e.g. std_udp_recv
         self.tags = dict(tags)
         self.interval_s = interval_s
         self.rates = rates
         self.out = out
         self.clock = clock
+        self.interval_fields = interval_fields
+        self.time_ns = time_ns
         self._last_time = clock()
         self._last: Mapping[str, int | float] = {}
         self.listeners: list[Callable[[Mapping[str, int | float]], None]] = []
@@ -123,10 +137,13 @@ class StatsReporter:
         for name in self.rates:
             if name in snapshot:
                 fields[f"{name}_per_s"] = round((snapshot[name] - self._last.get(name, 0)) / elapsed, 2)
+        line_fields = fields
+        if self.interval_fields is not None:
+            line_fields = {**self.interval_fields(snapshot, self._last, elapsed), **fields}
         self._last_time, self._last = now, dict(snapshot)
         log.info("stats %s", " ".join(f"{k}={v}" for k, v in fields.items()))
         out = self.out if self.out is not None else sys.stdout
-        print(influx_line(self.measurement, self.tags, fields, time.time_ns()), file=out, flush=True)
+        print(influx_line(self.measurement, self.tags, line_fields, self.time_ns()), file=out, flush=True)
         for listener in self.listeners:
             listener(fields)
         return fields
@@ -195,7 +212,8 @@ def run_daemon(name: str, args: "argparse.Namespace",
     """The body of every daemon's main(): load the config, build the service, run it until stopped.
 
     A bad config or a service that cannot start exits with code 2 or 1 and one log line saying why.
-    The service may offer `stats_tags` (extra InfluxDB tags) and `rate_counters` (counters to report
+    The service may offer `stats_tags` (extra Prometheus labels, e.g. module), `influx_tags` (extra InfluxDB
+    tags, e.g. module_id), `interval_fields` (see StatsReporter) and `rate_counters` (counters to report
     per second)."""
     from core_buffer.config import load_config
     from core_buffer.errors import ConfigError, StdDaqError
@@ -215,8 +233,13 @@ def run_daemon(name: str, args: "argparse.Namespace",
     from core_buffer.metrics import serve_metrics
 
     interval = args.stats_interval if args.stats_interval is not None else config.stats_interval_s
+    # Two vocabularies on purpose: Prometheus labels (detector, module) are what `std-daq status` and
+    # existing scrapes know; the InfluxDB tags (detector_name, module_id) are the existing std-daq
+    # dashboards'.
     tags = {"detector": config.detector_name, **getattr(service, "stats_tags", {})}
-    reporter = StatsReporter(name, tags, interval, tuple(getattr(service, "rate_counters", ())))
+    influx_tags = {"detector_name": config.detector_name, **getattr(service, "influx_tags", {})}
+    reporter = StatsReporter(name, influx_tags, interval, tuple(getattr(service, "rate_counters", ())),
+                             interval_fields=getattr(service, "interval_fields", None))
     try:
         metrics = serve_metrics(config, name, tags, service.stats)
     except ConfigError as exc:

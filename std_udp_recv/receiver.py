@@ -23,15 +23,21 @@ The hot path (docs/std_udp_recv.md has the whole story and the numbers):
 
 Which frame a valid packet belongs to, in order:
 1. the open frame's id: placed (duplicates counted once);
-2. one of the last RECENT_FRAMES finished ids: late, counted and dropped;
-3. the first id after start, or an id at most JUMP_WINDOW ahead of the newest frame: opens a new frame
-   (the open one is finished first);
-4. anything else (a jump back, or far ahead) is held back (not placed, not lost) until CONFIRM_PACKETS
-   packets of it (or of the ids just after it) arrived: then it is a detector restart or a new
-   acquisition, the open frame is finished and the held packets are placed. A held id that is not
-   confirmed before another frame opens, or within frame_timeout_s, is dropped and counted: a jump back
-   as late packets, a jump ahead as stray packets (malformed). So one stray datagram of a plausible
-   size never closes or damages the open frame.
+2. the first id after start (or after an idle gap, below), or an id at most JUMP_WINDOW ahead of the
+   newest frame: opens a new frame (the open one is finished first);
+3. anything else (a jump back, or far ahead) is held back (not placed, not lost) until enough distinct
+   packets of it (or of the ids just after it) arrived: CONFIRM_PACKETS, or, when the id is one of the
+   last RECENT_FRAMES finished ones, more than half a frame (so a burst of late duplicates of a finished
+   frame cannot pass for a restart). Then it is a detector restart or a new acquisition that reuses ids:
+   the open frame is finished and the held packets are placed. A held id that is not confirmed before
+   another frame opens, or while no new packet of it arrives for frame_timeout_s, is dropped and counted: a jump back as late packets,
+   a jump ahead as stray packets (malformed). So one stray datagram of a plausible size never closes or
+   damages the open frame.
+After an idle gap (no datagram for forget_after_s: max(FORGET_AFTER_S, 3 frame timeouts)) the receiver
+forgets the ids it has seen, so a new acquisition that numbers its frames from 1 again opens at once.
+
+Frames skipped in the stream (a frame opens with a frame index more than one above the previous frame's,
+by at most JUMP_WINDOW) are counted in `frames_missed`, and their packets in `lost_packets`.
 
 A frame is finished when all its packets arrived, when another frame opens, or when no packet of it was
 placed for `frame_timeout_s` (datagrams that are not its packets do not keep it open). Missing packets
@@ -68,7 +74,8 @@ DEFAULT_FRAME_TIMEOUT_S = 0.1
 DEFAULT_BATCH = 128
 RECENT_FRAMES = 16  # finished ids remembered to recognise late packets
 JUMP_WINDOW = 1000  # ids at most this far ahead of the newest frame open a frame at once
-CONFIRM_PACKETS = 4  # packets that confirm any other new id (a restart)
+CONFIRM_PACKETS = 4  # distinct packets that confirm any other new id (a restart)
+FORGET_AFTER_S = 1.0  # no datagram for this long (or 3 frame timeouts, if longer): forget the ids seen
 STOP_DRAIN_S = 1.0  # stop() takes what was queued, but for at most this long
 PUSH_HWM = 10000
 WARN_RCVBUF_BELOW = 32 * 2**20
@@ -117,11 +124,12 @@ class UdpReceiver:
                               config.source)
         settings = ReceiverSettings(config)
         self.config, self.module_id, self.settings = config, module_id, settings
-        self.stats_tags = {"module": str(module_id)}
+        self.stats_tags = {"module": str(module_id)}  # Prometheus labels (std-daq status reads them)
+        self.influx_tags = {"module_id": str(module_id)}  # the existing std-daq dashboards' InfluxDB tag
         self.stream = config.stream
         self.decoder = PacketDecoder(config, module_id, strict_sls_header=settings.strict_sls_header)
         self.counters = Counters("packets", "bytes", "frames", "complete_frames", "incomplete_frames",
-                                 "lost_packets", "duplicate_packets", "late_packets", "malformed_packets",
+                                 "frames_missed", "lost_packets", "duplicate_packets", "late_packets", "malformed_packets",
                                  *MALFORMED_KINDS, "stray_packets", "restarts", "frames_not_delivered",
                                  "last_frame_id")
         self.frames = FrameBuffer.for_config(config)
@@ -161,16 +169,25 @@ class UdpReceiver:
         self.n_arrived = 0
         self.next_packet = 0  # highest packet number arrived + 1
         self.last_placed_at = 0.0
-        self.newest: int | None = None  # highest id opened since start or the last restart
+        self.newest: int | None = None  # highest id opened since start, the last restart or idle gap
         self.recent = collections.deque(maxlen=RECENT_FRAMES)
         self.recent_set: set[int] = set()
+        self.last_index: int | None = None  # frame index of the last frame opened: gaps are missed frames
+        self.last_datagram_at = 0.0  # (about) when the last datagram was taken
+        self._forget_after_s = max(FORGET_AFTER_S, 3 * settings.frame_timeout_s)
+        self._forgotten: int | None = None  # the newest id when an idle gap made the receiver forget
         # What the last receive aimed at: messages 0..aim_direct-1 at positions aim_start.., the rest scratch.
         self.aim_start = 0
         self.aim_direct = 0
-        # Held packets of an unconfirmed new id: copies of their headers and payloads.
-        self._held_headers = np.zeros(CONFIRM_PACKETS, dtype=self.decoder.header_dtype)
-        self._held_data = np.zeros((CONFIRM_PACKETS, self.data_bytes), dtype=np.uint8)
+        # Held packets of an unconfirmed new id: copies of their headers and payloads, one row per distinct
+        # (id, packet); a recent id needs more than half a frame of them.
+        self._recent_confirm = max(CONFIRM_PACKETS, self.n_packets // 2 + 1)
+        self._held_headers = np.zeros(self._recent_confirm, dtype=self.decoder.header_dtype)
+        self._held_data = np.zeros((self._recent_confirm, self.data_bytes), dtype=np.uint8)
         self._held: list[tuple[int, int]] = []  # (image id, packet) per held row
+        self._held_keys: set[tuple[int, int]] = set()
+        self._held_repeats = 0  # datagrams of an (id, packet) already held: not stored
+        self._held_need = CONFIRM_PACKETS
         self._held_since = 0.0
         self._timeout_s = settings.frame_timeout_s
 
@@ -189,6 +206,7 @@ class UdpReceiver:
                 n, asked = self._receive()
                 if n < asked or time.monotonic() >= deadline:
                     break
+            self.last_datagram_at = time.monotonic()
         self._check_timeouts()
 
     def _check_timeouts(self) -> None:
@@ -197,6 +215,18 @@ class UdpReceiver:
             self._finish()
         if self._held and now - self._held_since >= self._timeout_s:
             self._drop_held()
+        if (self.newest is not None and self.current_id is None and not self._held
+                and now - self.last_datagram_at >= self._forget_after_s):
+            self._forget_ids()
+
+    def _forget_ids(self) -> None:
+        """An idle gap: the acquisition is over. The next one may number its frames from 1 again (Eiger,
+        Gigafrost, a detector restarted per acquisition), so recent ids are no longer late packets. The
+        frame index of the last frame stays: a stream interrupted for longer still counts its gap."""
+        self._forgotten = self.newest
+        self.newest = None
+        self.recent.clear()
+        self.recent_set.clear()
 
     def _receive(self) -> tuple[int, int]:
         """One receive call: (datagrams received, datagrams asked for)."""
@@ -250,7 +280,7 @@ class UdpReceiver:
             return -1, -1
         image_id, packet = found
         if image_id != self.current_id:
-            if image_id in self.recent_set or not self._opens_at_once(image_id):
+            if not self._opens_at_once(image_id):
                 return -1, -1
             if self.current_id is not None:
                 self._finish()
@@ -349,9 +379,6 @@ class UdpReceiver:
                source: np.ndarray) -> None:
         """Valid packets `rows` of `image_id` (numbers `packets[rows]`, payloads `source[rows]`)."""
         if image_id != self.current_id:
-            if image_id in self.recent_set:
-                self.counters.late_packets += rows.size
-                return
             if not self._opens_at_once(image_id):
                 self._hold(image_id, rows, packets, headers, source)
                 return
@@ -392,20 +419,27 @@ class UdpReceiver:
 
     def _hold(self, image_id: int, rows: np.ndarray, packets: np.ndarray, headers: np.ndarray,
               source: np.ndarray) -> None:
-        """Keep packets of an unconfirmed new id until CONFIRM_PACKETS of it (or of the ids just after it)
-        arrived; then treat it as a restart."""
+        """Keep packets of an unconfirmed new id until enough distinct ones of it (or of the ids just after
+        it) arrived: CONFIRM_PACKETS, or more than half a frame when the first is a recent id (a burst of
+        late duplicates of a finished frame is not a restart); then treat it as a restart."""
         for i, row in enumerate(rows):
             if self._held:
                 first = self._held[0][0]
                 if not first <= image_id <= first + JUMP_WINDOW:
                     self._drop_held()
             if not self._held:
-                self._held_since = time.monotonic()
+                self._held_need = self._recent_confirm if image_id in self.recent_set else CONFIRM_PACKETS
+            key = (image_id, int(packets[row]))
+            if key in self._held_keys:
+                self._held_repeats += 1
+                continue
+            self._held_since = time.monotonic()  # the timeout runs from the last new held packet
             k = len(self._held)
-            self._held.append((image_id, int(packets[row])))
+            self._held.append(key)
+            self._held_keys.add(key)
             self._held_headers[k] = headers[row]
             self._held_data[k] = source[row]
-            if len(self._held) == CONFIRM_PACKETS:
+            if len(self._held) >= self._held_need:
                 self._confirm_held()
                 rest = rows[i + 1:]
                 if rest.size:
@@ -413,11 +447,12 @@ class UdpReceiver:
                 return
 
     def _confirm_held(self) -> None:
-        held = self._held
-        self._held = []
+        held, repeats = self._held, self._held_repeats
+        self._held, self._held_keys, self._held_repeats = [], set(), 0
         log.warning("module %d: image id went from %s to %d (detector restart or new acquisition), confirmed "
                     "by %d packets", self.module_id, self.newest, held[0][0], len(held))
         self.counters.restarts += 1
+        self.counters.duplicate_packets += repeats  # copies of packets that are now placed
         if self.current_id is not None:
             self._finish()
         self.newest = None
@@ -430,9 +465,9 @@ class UdpReceiver:
     def _drop_held(self) -> None:
         if not self._held:
             return
-        n, first = len(self._held), self._held[0][0]
-        self._held = []
-        if self.newest is not None and first < self.newest:
+        n, first = len(self._held) + self._held_repeats, self._held[0][0]
+        self._held, self._held_keys, self._held_repeats = [], set(), 0
+        if self.newest is not None and first <= self.newest:
             self.counters.late_packets += n
         else:
             self.counters.stray_packets += n
@@ -450,13 +485,26 @@ class UdpReceiver:
             rows = self.current_data[:self.n_full * self.data_bytes].reshape(self.n_full, self.data_bytes)
             self._slot_rows[slot] = rows, np.uint64(self.current_data.ctypes.data)
         self._current_rows, self._current_base = self._slot_rows[slot]
-        self.current_fields = self.decoder.frame_fields(header)
+        self.current_fields = fields = self.decoder.frame_fields(header)
         self.arrived[:] = False
         self.n_arrived = 0
         self.next_packet = 0
         self.last_placed_at = time.monotonic()
+        if self.newest is None and self._forgotten is not None:
+            if image_id <= self._forgotten:
+                log.info("module %d: image ids start again at %d after an idle gap (new acquisition)",
+                         self.module_id, image_id)
+            self._forgotten = None
         if self.newest is None or image_id > self.newest:
             self.newest = image_id
+        # Frames the stream skipped (the receiver fell behind, the link was down, the detector dropped
+        # them): counted by the frame index, which counts frames also where the id is a pulse id.
+        index, last = fields["frame_index"], self.last_index
+        if last is not None and last + 1 < index <= last + 1 + JUMP_WINDOW:
+            missed = index - last - 1
+            self.counters.frames_missed += missed
+            self.counters.lost_packets += missed * self.n_packets
+        self.last_index = index
 
     def _finish(self) -> None:
         image_id, c = self.current_id, self.counters
@@ -522,3 +570,14 @@ class UdpReceiver:
 
     def stats(self) -> Mapping[str, int]:
         return self.counters.snapshot()
+
+    @staticmethod
+    def interval_fields(now: Mapping[str, int | float], before: Mapping[str, int | float],
+                        elapsed_s: float) -> dict[str, int]:
+        """The fields of the existing std-daq std_udp_recv's InfluxDB line, over the last interval:
+        packets lost (in incomplete and in missed frames), incomplete frames, and frames per second."""
+        def delta(name: str) -> int:
+            return int(now.get(name, 0) - before.get(name, 0))
+
+        return {"n_missed_packets": delta("lost_packets"), "n_corrupted_frames": delta("incomplete_frames"),
+                "repetition_rate": round(delta("frames") / elapsed_s) if elapsed_s > 0 else 0}

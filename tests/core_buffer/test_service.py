@@ -46,12 +46,12 @@ def test_the_loop_outlives_exceptions_and_shuts_down_in_order(caplog):
     stop = threading.Event()
     service = FlakyService(stop, fail_every=3, stop_after=30)
     out = io.StringIO()
-    reporter = StatsReporter("flaky", {"detector": "d"}, interval_s=1000, out=out)
+    reporter = StatsReporter("flaky", {"detector_name": "d"}, interval_s=1000, out=out)
     assert run(service, stop, reporter, poll_timeout_s=0.001) == 0
     assert service.counters.polls == 30
     assert service.order == ["stop", "close"]
     final = out.getvalue().strip().splitlines()[-1]
-    assert final.startswith("std_daq_flaky,detector=d polls=30i,raised=10i,loop_errors=10i ")
+    assert final.startswith("flaky,detector_name=d polls=30i,raised=10i,loop_errors=10i ")
     # The traceback is logged once, not ten times.
     assert sum("unexpected ValueError" in r.message for r in caplog.records) == 1
 
@@ -66,7 +66,7 @@ class BrokenOut(io.StringIO):
 def test_a_statistics_line_that_cannot_be_written_does_not_stop_the_loop(caplog):
     stop = threading.Event()
     service = FlakyService(stop, fail_every=10**6, stop_after=20)
-    reporter = StatsReporter("flaky", {"detector": "d"}, interval_s=0, out=BrokenOut())
+    reporter = StatsReporter("flaky", {"detector_name": "d"}, interval_s=0, out=BrokenOut())
     assert run(service, stop, reporter, poll_timeout_s=0.001) == 0
     assert service.counters.polls == 20  # every poll ran although every report failed
     assert service.order == ["stop", "close"]
@@ -77,7 +77,7 @@ def test_a_statistics_line_that_cannot_be_written_does_not_stop_the_loop(caplog)
 def test_the_reporter_reports_rates_at_its_interval():
     now = [100.0]
     out = io.StringIO()
-    reporter = StatsReporter("svc", {"detector": "d", "module": "1"}, 2.0, rates=("frames",), out=out,
+    reporter = StatsReporter("svc", {"detector_name": "d", "module_id": "1"}, 2.0, rates=("frames",), out=out,
                              clock=lambda: now[0])
     assert not reporter.due()
     now[0] = 102.0
@@ -87,7 +87,79 @@ def test_the_reporter_reports_rates_at_its_interval():
     now[0] = 103.0
     assert reporter.report({"frames": 4500, "lost": 1})["frames_per_s"] == 500.0
     first = out.getvalue().splitlines()[0]
-    assert first.startswith("std_daq_svc,detector=d,module=1 frames=4000i,lost=1i,frames_per_s=2000.0 ")
+    assert first.startswith("svc,detector_name=d,module_id=1 frames=4000i,lost=1i,frames_per_s=2000.0 ")
+
+
+def test_the_receivers_influx_line_is_the_one_existing_std_daq_dashboards_read():
+    """Pinned: measurement std_udp_recv, tags detector_name and module_id, the legacy integer fields over
+    the interval (n_missed_packets, n_corrupted_frames, repetition_rate), then our counters, then ns."""
+    from std_udp_recv.receiver import UdpReceiver
+
+    now = [10.0]
+    out = io.StringIO()
+    reporter = StatsReporter("std_udp_recv", {"detector_name": "JF07T32V01", "module_id": "3"}, 2.0,
+                             rates=("frames",), out=out, clock=lambda: now[0],
+                             interval_fields=UdpReceiver.interval_fields, time_ns=lambda: 1700000000123456789)
+    now[0] = 12.0
+    reporter.report({"frames": 200, "incomplete_frames": 3, "lost_packets": 7})
+    now[0] = 14.0
+    reporter.report({"frames": 401, "incomplete_frames": 4, "lost_packets": 135})
+    assert out.getvalue().splitlines() == [
+        "std_udp_recv,detector_name=JF07T32V01,module_id=3 n_missed_packets=7i,n_corrupted_frames=3i,"
+        "repetition_rate=100i,frames=200i,incomplete_frames=3i,lost_packets=7i,frames_per_s=100.0 "
+        "1700000000123456789",
+        "std_udp_recv,detector_name=JF07T32V01,module_id=3 n_missed_packets=128i,n_corrupted_frames=1i,"
+        "repetition_rate=100i,frames=401i,incomplete_frames=4i,lost_packets=135i,frames_per_s=100.5 "
+        "1700000000123456789",
+    ]
+
+
+def test_run_daemon_keeps_prometheus_labels_and_gives_influx_its_own_tags(make_config, monkeypatch, capsys):
+    """std-daq status reads the Prometheus labels detector/module; the InfluxDB line has the legacy tags."""
+    import argparse
+    import os
+
+    from core_buffer import service
+
+    class Receiverish:
+        name = "std_udp_recv"
+        stats_tags = {"module": "2"}
+        influx_tags = {"module_id": "2"}
+        rate_counters = ()
+
+        def __init__(self) -> None:
+            self.counters = Counters("frames")
+
+        def poll(self, timeout_s: float) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own stop handler ends the loop
+
+        def stop(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def stats(self):
+            return self.counters.snapshot()
+
+        @staticmethod
+        def interval_fields(now, before, elapsed_s):
+            return {"n_missed_packets": 0}
+
+    labels = []
+    monkeypatch.setattr("core_buffer.metrics.serve_metrics",
+                        lambda config, name, tags, snapshot: labels.append(dict(tags)))
+    path, config = make_config()
+    args = argparse.Namespace(config=str(path), log_level="INFO", stats_interval=1000.0)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert service.run_daemon("std_udp_recv", args, lambda config: Receiverish()) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert labels == [{"detector": config.detector_name, "module": "2"}]
+    assert capsys.readouterr().out.startswith(
+        f"std_udp_recv,detector_name={config.detector_name},module_id=2 n_missed_packets=0i,frames=0i,")
 
 
 def test_influx_line_escapes_tags_and_types_fields():
@@ -154,5 +226,5 @@ def test_a_signal_stops_a_daemon_process_cleanly(signum, tmp_path):
     assert proc.returncode == 0, err
     lines = out.splitlines()
     assert lines.index("stopping") < lines.index("closed")
-    assert lines[-1].startswith("std_daq_idle polls=")
+    assert lines[-1].startswith("idle polls=")
     assert "idle stopped" in err

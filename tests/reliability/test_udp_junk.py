@@ -48,9 +48,10 @@ def wait_bound(pid: int, port: int, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"process {pid} did not bind UDP port {port}")
 
 
-def final_stats(stdout: str) -> dict[str, int]:
-    """The counters of the last InfluxDB line the receiver printed."""
-    line = [ln for ln in stdout.splitlines() if ln.startswith("std_daq_std_udp_recv")][-1]
+def final_stats(stdout: str, detector_name: str) -> dict[str, int]:
+    """The counters of the last InfluxDB line the receiver printed (the existing std-daq dashboards' form)."""
+    line = [ln for ln in stdout.splitlines()
+            if ln.startswith(f"std_udp_recv,detector_name={detector_name},module_id=0 ")][-1]
     fields = line.split(" ")[1].split(",")
     return {k: int(v[:-1]) for k, v in (f.split("=") for f in fields) if v.endswith("i")}
 
@@ -96,6 +97,7 @@ def test_the_receiver_outlives_junk_and_keeps_the_valid_frames_intact(kind, make
         out, err = receiver.communicate(timeout=30)
         sock.close()
     assert receiver.returncode == 0, err[-2000:]
-    stats = final_stats(out)
+    stats = final_stats(out, config.detector_name)
     assert stats["malformed_packets"] == n_junk, stats
     assert stats["complete_frames"] == N_IMAGES and stats["lost_packets"] == 0, stats
+    assert stats["n_missed_packets"] == stats["n_corrupted_frames"] == stats["frames_missed"] == 0, stats

@@ -1,7 +1,11 @@
 """Simulator -> receiver over real loopback UDP, into a real FrameBuffer, frames pushed over real ZMQ."""
 from __future__ import annotations
 
+import logging
 import os
+import re
+import signal
+import socket
 import subprocess
 import time
 
@@ -17,6 +21,7 @@ from core_buffer.ipc import make_socket, module_frames_address
 from core_buffer.pattern import frame_bytes
 from std_udp_recv.packets import MALFORMED_KINDS, PacketDecoder
 from std_udp_recv.receiver import RECENT_FRAMES, UdpReceiver, open_udp_socket
+from std_udp_recv import receiver as receiver_module
 from std_udp_recv.sim import FOREIGN_ID_OFFSET, Faults, Simulator
 
 DETECTORS = {
@@ -33,6 +38,12 @@ DETECTORS = {
     # streams of 24 x 409 pixels in packets of 204, 204 and 1 rows: a last packet shorter than the others
     "gigafrost-short-last": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=1636,
                                  image_pixel_width=48),
+    # streams of 240 x 240 pixels: 12 packets of 20 rows (7200 B)
+    "gigafrost-multi": dict(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=960,
+                            image_pixel_width=480),
+    # streams of 240 x 256 pixels: 12 packets of 20 rows and a 13th of 16 rows (5760 B)
+    "gigafrost-multi-short-last": dict(detector_type="gigafrost", n_modules=8, bit_depth=12,
+                                       image_pixel_height=1024, image_pixel_width=480),
 }
 
 
@@ -58,6 +69,19 @@ class Rig:
             self.sim.send_image(image_id)
             deadline = time.monotonic() + 0.05
             while time.monotonic() < deadline:
+                for r in self.receivers:
+                    r.poll(0.001)
+
+    def send_promptly(self, *image_ids: int) -> None:
+        """Send images one by one, each as soon as the receivers took the last one's packets (frames
+        follow each other well within a frame timeout; no fault injection)."""
+        for image_id in image_ids:
+            before = [r.counters.packets for r in self.receivers]
+            self.sim.send_image(image_id)
+            n = self.config.stream.packets_per_frame
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(
+                    r.counters.packets < b + n for r, b in zip(self.receivers, before)):
                 for r in self.receivers:
                     r.poll(0.001)
 
@@ -177,24 +201,55 @@ def test_swapped_neighbours_land_at_their_own_offsets(rig, detector, batch, recv
             assert np.array_equal(receiver.frames.frame_data(image_id, m), frame_bytes(r.config.stream, m, image_id))
 
 
-@pytest.mark.parametrize("detector", ["jungfrau", "eiger16"])
-def test_first_middle_and_last_packets_dropped_are_zero_filled(rig, detector):
-    stream_packets = 128 if detector == "jungfrau" else 64
-    dropped = (0, stream_packets // 2, stream_packets - 1)
-    r = rig(detector, Faults(drop_packets=dropped), udp_recv={"frame_timeout_s": 0.05})
+def _zero_packets(stream, expected, packets):
+    for k in packets:
+        offset = stream.packet_offset(k)
+        expected[offset:offset + stream.packet_payload_bytes(k)] = 0
+    return expected
+
+
+@pytest.mark.parametrize("detector,dropped", [
+    ("jungfrau", (0, 64, 127)),
+    ("eiger16", (0, 32, 63)),
+    ("eiger32", (0, 64, 127)),
+    ("gigafrost-short-last", (1, 2)),  # the middle packet and the short last one
+    ("gigafrost-multi", (0, 6, 11)),
+    ("gigafrost-multi-short-last", (0, 6, 12)),  # 12: the short last packet
+])
+@pytest.mark.parametrize("recvmmsg", [True, False], ids=["recvmmsg", "recv_into"])
+def test_first_middle_and_last_packets_dropped_are_zero_filled(rig, detector, dropped, recvmmsg):
+    r = rig(detector, Faults(drop_packets=dropped), udp_recv={"frame_timeout_s": 0.05, "recvmmsg": recvmmsg})
+    stream = r.config.stream
+    assert max(dropped) == stream.packets_per_frame - 1
     r.send(3, 4, 5)
     time.sleep(0.06)
     r.drain(3)
-    stream = r.config.stream
     for m, receiver in enumerate(r.receivers):
         c = receiver.counters
-        assert (c.incomplete_frames, c.lost_packets, c.malformed_packets) == (3, 9, 0)
-        assert [f.n_recv_packets for f in r.pushed(m)] == [stream_packets - 3] * 3
+        assert (c.incomplete_frames, c.lost_packets, c.malformed_packets) == (3, 3 * len(dropped), 0)
+        assert [f.n_recv_packets for f in r.pushed(m)] == [stream.packets_per_frame - len(dropped)] * 3
         for image_id in (3, 4, 5):
-            expected = frame_bytes(stream, m, image_id).copy()
-            for k in dropped:
-                expected[k * stream.packet_data_bytes:(k + 1) * stream.packet_data_bytes] = 0
+            expected = _zero_packets(stream, frame_bytes(stream, m, image_id).copy(), dropped)
             assert np.array_equal(receiver.frames.frame_data(image_id, m), expected)
+
+
+@pytest.mark.parametrize("detector", ["jungfrau", "gigafrost-multi"])
+def test_frames_missing_from_the_stream_are_counted_with_their_packets(rig, detector):
+    # Module 1's stream loses whole frames 3, 4, 5 (a link down, a receiver that fell behind); frame 7
+    # misses one packet. Module 0 gets everything.
+    faults = Faults(drop_images=(3, 4, 5), drop_images_modules=(1,), drop_every=7)
+    r = rig(detector, faults, udp_recv={"frame_timeout_s": 0.05})
+    n = r.config.stream.packets_per_frame
+    r.send(*range(1, 9))
+    time.sleep(0.06)
+    r.drain(5)
+    full, gappy = r.receivers[0].counters, r.receivers[1].counters
+    assert (full.frames, full.frames_missed, full.lost_packets, full.incomplete_frames) == (8, 0, 1, 1)
+    assert (gappy.frames, gappy.frames_missed, gappy.lost_packets, gappy.incomplete_frames) == (5, 3, 3 * n + 1, 1)
+    assert [f.id for f in r.pushed(1)] == [1, 2, 6, 7, 8]
+    # The legacy InfluxDB fields count the missed frames' packets too (incomplete frames stay 1).
+    assert UdpReceiver.interval_fields(r.receivers[1].stats(), {}, 1.0)["n_missed_packets"] == 3 * n + 1
+    assert UdpReceiver.interval_fields(r.receivers[1].stats(), {}, 1.0)["n_corrupted_frames"] == 1
 
 
 def _datagram(r, image_id: int, packet: int, module: int = 0) -> bytes:
@@ -303,6 +358,33 @@ def test_stop_takes_what_was_queued_but_not_more(rig):
     assert 10 <= bounded.counters.packets <= bounded.settings.batch
 
 
+def test_a_capped_receive_buffer_is_warned_about_naming_rmem_max(make_config, monkeypatch, caplog):
+    # As for a service without CAP_NET_ADMIN: SO_RCVBUFFORCE is refused, SO_RCVBUF is capped (here at 1 MiB,
+    # whatever this host's net.core.rmem_max is).
+    real = socket.socket.setsockopt
+
+    def setsockopt(sock, level, option, value, *rest):
+        if level == socket.SOL_SOCKET and option == receiver_module.SO_RCVBUFFORCE:
+            raise PermissionError(1, "Operation not permitted")
+        if level == socket.SOL_SOCKET and option == socket.SO_RCVBUF:
+            value = min(value, 2**20)
+        return real(sock, level, option, value, *rest)
+
+    _, config = make_config(udp_recv={"rcvbuf_bytes": 64 * 2**20})
+    monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+    with caplog.at_level(logging.WARNING, logger="std_udp_recv"):
+        receiver = UdpReceiver(config, 0)
+    monkeypatch.undo()
+    try:
+        assert receiver.rcvbuf_option == "SO_RCVBUF" and receiver.rcvbuf_granted < 64 * 2**20
+    finally:
+        receiver.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "net.core.rmem_max" in warnings[0] and "SO_RCVBUF" in warnings[0]
+    assert "asked for a 64 MiB UDP receive buffer" in warnings[0] and "below 32 MiB" in warnings[0]
+
+
 def test_receive_buffer_is_forced_past_rmem_max_where_allowed(make_config):
     sock, granted, option = open_udp_socket("127.0.0.1", 0, 64 * 2**20)
     sock.close()
@@ -338,6 +420,58 @@ def test_late_packets_of_a_finished_frame_are_dropped_and_a_restart_is_followed(
     assert receiver.counters.late_packets == 1
     assert [f.id for f in r.pushed(0)] == [10, 11, 1]
     assert np.array_equal(receiver.frames.frame_data(10, 0), frame_bytes(r.config.stream, 0, 10))
+
+
+@pytest.mark.parametrize("detector", ["jungfrau", "eiger16", "gigafrost", "gigafrost-short-last"])
+def test_an_acquisition_that_reuses_recent_ids_at_once_is_followed_as_a_restart(rig, detector):
+    # A detector that numbers every acquisition from 1, started again straight away (no idle gap): ids
+    # 1-5 are among the recent ones, but whole frames of them are a new acquisition, not late packets.
+    r = rig(detector, udp_recv={"frame_timeout_s": 0.05})
+    r.send(1, 2, 3, 4, 5)
+    r.drain(5)
+    r.send_promptly(1, 2, 3, 4, 5)
+    r.drain(10)
+    stream = r.config.stream
+    for m, receiver in enumerate(r.receivers):
+        c = receiver.counters
+        assert (c.frames, c.complete_frames, c.restarts) == (10, 10, 1)
+        assert (c.lost_packets, c.late_packets, c.frames_missed, c.malformed_packets) == (0, 0, 0, 0)
+        assert [f.id for f in r.pushed(m)] == [1, 2, 3, 4, 5] * 2
+        for image_id in range(1, 6):
+            assert np.array_equal(receiver.frames.frame_data(image_id, m), frame_bytes(stream, m, image_id))
+
+
+def test_a_burst_of_late_copies_of_a_finished_frame_is_not_a_restart(rig):
+    r = rig("jungfrau", modules=[0], udp_recv={"frame_timeout_s": 0.05})
+    receiver = r.receivers[0]
+    r.send(1, 2)
+    sender = r.sim.senders[0]
+    sender.build(2)
+    for k in range(0, 120, 2):  # 60 distinct packets of frame 2, which finished complete: under half a frame
+        r.sim.sock.sendto(sender.datagram(k), sender.address)
+    r.send(3)
+    _poll_until(receiver, 3)
+    c = receiver.counters
+    assert (c.frames, c.complete_frames, c.restarts, c.late_packets) == (3, 3, 0, 60)
+    assert [f.id for f in r.pushed(0)] == [1, 2, 3]
+    assert np.array_equal(receiver.frames.frame_data(2, 0), frame_bytes(r.config.stream, 0, 2))
+
+
+def test_after_an_idle_gap_recent_ids_open_frames_at_once(rig):
+    r = rig("eiger16", modules=[0], udp_recv={"frame_timeout_s": 0.05})
+    receiver = r.receivers[0]
+    receiver._forget_after_s = 0.3  # (default: 1 s, or 3 frame timeouts if longer)
+    r.send(1, 2, 3)
+    _poll_until(receiver, 3)
+    deadline = time.monotonic() + 5
+    while receiver.newest is not None and time.monotonic() < deadline:  # idle: the ids are forgotten
+        receiver.poll(0.05)
+    assert receiver.newest is None
+    r.send(1, 2, 3)
+    _poll_until(receiver, 6)
+    c = receiver.counters
+    assert (c.frames, c.complete_frames, c.restarts, c.late_packets, c.lost_packets) == (6, 6, 0, 0, 0)
+    assert [f.id for f in r.pushed(0)] == [1, 2, 3, 1, 2, 3]
 
 
 def test_recv_into_fallback_gives_the_same_frames(rig):
@@ -386,6 +520,40 @@ def test_sim_and_receiver_processes_end_to_end(make_config):
         pull.close()
     assert recv.returncode == 0
     assert "complete_frames=5" in err
+
+
+def _influx_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("std_udp_recv,")]
+
+
+def test_two_acquisitions_from_the_cli_numbered_alike_both_arrive(make_config):
+    """`std_udp_sim CONFIG --n-images 5` run twice against a std_udp_recv process (the detector numbers
+    each acquisition from 1), sent to --host localhost; the receiver's InfluxDB line is the legacy one."""
+    path, config = make_config()
+    ctx = zmq.Context.instance()
+    pull = make_socket(ctx, zmq.PULL, hwm=1000)
+    pull.connect(module_frames_address(config, 0))
+    recv = subprocess.Popen(["std_udp_recv", str(path), "0", "--stats-interval", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        for _ in range(2):
+            sim = subprocess.run(["std_udp_sim", str(path), "--rate", "100", "--n-images", "5", "--host", "localhost"],
+                                 capture_output=True, text=True, timeout=30)
+            assert "sent 5 images" in sim.stdout, sim.stderr
+        ids = []
+        while len(ids) < 10 and pull.poll(5000):
+            ids.append(ModuleFrame.decode(pull.recv()).id)
+        assert ids == [1, 2, 3, 4, 5] * 2
+    finally:
+        recv.send_signal(signal.SIGTERM)
+        out, err = recv.communicate(timeout=15)
+        pull.close()
+    assert recv.returncode == 0, err[-2000:]
+    last = _influx_lines(out)[-1]
+    assert re.fullmatch(rf"std_udp_recv,detector_name={config.detector_name},module_id=0 "
+                        r"n_missed_packets=0i,n_corrupted_frames=0i,repetition_rate=\d+i,packets=1280i,.*"
+                        r",frames=10i,complete_frames=10i,.* \d{19}", last), last
 
 
 def test_simulator_cli_fault_options_reach_the_receiver(rig):
