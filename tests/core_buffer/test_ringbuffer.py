@@ -1,4 +1,5 @@
 """FrameBuffer and ImageBuffer over real POSIX shared memory, shared with real second processes."""
+import contextlib
 import os
 import stat
 import subprocess
@@ -22,6 +23,17 @@ from core_buffer.formats import INVALID_ID
 from core_buffer.ringbuffer import PAGE, SHM_DIR, unlink
 
 
+@contextlib.contextmanager
+def removed_at_end(buffer):
+    """The buffer, closed and its segment removed when the block ends (services never remove segments;
+    the tests do)."""
+    try:
+        yield buffer
+    finally:
+        buffer.close()
+        buffer.unlink()
+
+
 def run_python(code: str, timeout: float = 30) -> str:
     """Run `code` in a new interpreter (a real second process) and return its stdout."""
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -32,7 +44,7 @@ def run_python(code: str, timeout: float = 30) -> str:
 
 def test_frame_buffer_slots_are_page_aligned_and_hold_modules_contiguously(make_config):
     _, config = make_config(n_modules=3, image_pixel_height=1536)
-    with FrameBuffer.for_config(config) as buf:
+    with removed_at_end(FrameBuffer.for_config(config)) as buf:
         assert buf.created
         for slot in (0, 5):
             data = buf.slot_data(slot)
@@ -45,14 +57,14 @@ def test_frame_buffer_slots_are_page_aligned_and_hold_modules_contiguously(make_
 
 def test_segments_get_the_configured_permissions(make_config):
     _, config = make_config(shm_mode="0600")
-    with FrameBuffer.for_config(config):
+    with removed_at_end(FrameBuffer.for_config(config)):
         mode = stat.S_IMODE(os.stat(f"{SHM_DIR}/std-daq-{config.detector_name}-frames").st_mode)
     assert mode == 0o600
 
 
 def test_a_second_process_reads_frames_the_first_wrote(make_config):
     path, config = make_config(n_modules=2, image_pixel_height=1024)
-    with FrameBuffer.for_config(config) as buf:
+    with removed_at_end(FrameBuffer.for_config(config)) as buf:
         for module in range(2):
             data = buf.begin_frame(41, module)
             data[:] = np.arange(data.size, dtype=np.uint64).astype(np.uint8) + module
@@ -77,7 +89,7 @@ def test_a_second_process_reads_frames_the_first_wrote(make_config):
 def test_a_reader_detects_that_the_writer_lapped_it(make_config):
     path, config = make_config(image_buffer_slots=4)
     shape = config.image_shape
-    with ImageBuffer.for_config(config) as buf:
+    with removed_at_end(ImageBuffer.for_config(config)) as buf:
         image = buf.begin_image(2)
         image.view(np.uint16)[: shape[0] * shape[1]] = 7
         buf.commit_image(ImageMetadata(id=2, height=shape[0], width=shape[1], user_1=0))
@@ -102,7 +114,7 @@ def test_a_reader_detects_that_the_writer_lapped_it(make_config):
 
 def test_a_copy_overwritten_while_it_is_read_is_reported_lost(make_config):
     _, config = make_config(image_buffer_slots=4)
-    with ImageBuffer.for_config(config) as buf:
+    with removed_at_end(ImageBuffer.for_config(config)) as buf:
         buf.begin_image(1)
         buf.commit_image(ImageMetadata(id=1, height=512, width=1024))
         out = np.empty((512, 1024), np.uint16)
@@ -115,7 +127,7 @@ def test_a_copy_overwritten_while_it_is_read_is_reported_lost(make_config):
 
 def test_a_commit_stores_every_field_and_the_id_and_an_encoded_one_the_same(make_config):
     _, config = make_config(image_buffer_slots=4)
-    with ImageBuffer.for_config(config) as buf:
+    with removed_at_end(ImageBuffer.for_config(config)) as buf:
         meta = ImageMetadata(id=2**40 + 6, height=512, width=1024, status=2, user_1=77, user_2=9)
         buf.begin_image(meta.id)
         buf.commit_image(meta)
@@ -129,7 +141,7 @@ def test_a_commit_stores_every_field_and_the_id_and_an_encoded_one_the_same(make
 
 def test_attaching_with_another_layout_names_both_layouts(make_config):
     path, config = make_config(frame_buffer_slots=8)
-    with FrameBuffer.for_config(config):
+    with removed_at_end(FrameBuffer.for_config(config)):
         _, other = make_config(frame_buffer_slots=16)
         with pytest.raises(BufferLayoutError) as info:
             FrameBuffer.for_config(other)
@@ -155,8 +167,11 @@ def test_a_segment_that_was_never_initialised_is_refused_with_the_cleanup_comman
     shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, size=PAGE * 4)
     shm.close_fd()
     monkeypatch.setattr(ringbuffer, "ATTACH_WAIT_S", 0.2)
-    with pytest.raises(BufferLayoutError, match=f"never initialised.*std-daq buffers rm {name}"):
-        ImageBuffer.for_config(config)
+    try:
+        with pytest.raises(BufferLayoutError, match=f"never initialised.*std-daq buffers rm {name}"):
+            ImageBuffer.for_config(config)
+    finally:
+        unlink(name)
 
 
 def test_only_the_creator_needs_room_in_dev_shm(make_config, monkeypatch):
@@ -195,7 +210,7 @@ def test_processes_racing_to_create_end_up_sharing_one_segment(make_config):
                               text=True) for m in range(4)]
     created = [int(p.communicate(timeout=60)[0]) for p in procs]
     assert sum(created) == 1
-    with FrameBuffer.for_config(config) as buf:
+    with removed_at_end(FrameBuffer.for_config(config)) as buf:
         for module in range(4):
             assert buf.read_frame_meta(3, module).module_id == module
             assert (buf.frame_data(3, module) == module + 1).all()
@@ -203,7 +218,7 @@ def test_processes_racing_to_create_end_up_sharing_one_segment(make_config):
 
 def test_image_views_are_zero_copy(make_config):
     _, config = make_config()
-    with ImageBuffer.for_config(config) as buf:
+    with removed_at_end(ImageBuffer.for_config(config)) as buf:
         view = buf.image_view(3, np.uint16, config.image_shape)
         view[10, 20] = 1234
         assert buf.slot_data(3).view(np.uint16)[10 * 1024 + 20] == 1234

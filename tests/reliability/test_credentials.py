@@ -13,6 +13,7 @@ import pytest
 
 from core_buffer import broker
 from std_daq.launcher import console_script
+from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.broker
 
@@ -25,7 +26,7 @@ def rabbitmqctl(*args: str) -> None:
 def account(broker_url):
     """(user, password) of a fresh RabbitMQ account with full rights on the default vhost."""
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not installed (the broker runs elsewhere)")
+        skip_or_fail("rabbitmqctl is not installed (the broker runs elsewhere)")
     user, password = f"stddaq-{uuid.uuid4().hex[:8]}", "pw-" + secrets.token_hex(12)
     rabbitmqctl("add_user", user, password)
     rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")

@@ -26,8 +26,9 @@ def test_list_shows_each_segment_with_its_layout(make_config):
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert "4 slots x 1 modules, 64 B meta + 1048576 B data per module" in rows[frames.name]
     assert "6 slots x 1 modules, 56 B meta + 1048576 B data per module" in rows[images.name]
-    frames.close()
-    images.close()
+    for buffer in (frames, images):
+        buffer.close()
+        buffer.unlink()
 
 
 def test_rm_removes_named_segments_and_reports_unknown_ones(make_config):
