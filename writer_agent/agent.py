@@ -11,7 +11,9 @@ one SUBscribes to the ImageMetadata stream (dropping what comes while std_h5_wri
 start), sends start, forwards the next n_images images as writes,
 then stop, and waits for the writer's final status; `request_progress` follows each writer status while
 it writes, and goes out at least once a second in any case (BUSY_REPORT_S); the end is exactly
-one `request_success` (JSON summary) or `request_fail` (a reason). The delivery is acked right after
+one `request_success` (JSON summary) or `request_fail` (a reason). The summary also accounts for the images
+forwarded (ImageTally: how many of each ImageMetadata status, the image ids skipped between them), so
+that nothing the detector sent goes missing unreported. The delivery is acked right after
 that final status has been confirmed by the broker. Prefetch 1 keeps the other requests waiting in the
 broker queue.
 
@@ -56,6 +58,78 @@ INTAKE_GRACE_S = 2.0  # on SIGTERM, how long to wait for the link to hand over t
 BUSY_REPORT_S = 1.0
 START_RETRY_S = 0.02  # how often a start that std_h5_writer has not taken is sent again
 MAX_QUEUED_PROGRESS = 1000  # in a long broker outage, progress reports beyond this many waiting are dropped
+# ImageMetadata.status 0..3 (design document §4), counted under the names std_assembler's counters use;
+# any other value (none is defined) goes to "images_other_status".
+STATUS_FIELDS = ("images_good", "images_missing_packets", "images_mismatch", "images_missing_module")
+TALLY_FIELDS = (*STATUS_FIELDS, "images_other_status", "images_incomplete", "image_id_gaps", "image_ids_skipped",
+                "image_id_backward_jumps")
+
+
+class ImageTally:
+    """What the images a request forwarded to std_h5_writer were: how many of each ImageMetadata status,
+    and the jumps in their ids, in the order they were forwarded (the order of the file's rows).
+
+    Ids of Jungfrau, Eiger and Gigafrost are frame counters, consecutive within a run of the detector, and
+    std_assembler publishes a run's ids in rising order; so a step of more than one is images the detector
+    counted that the file does not hold (they never reached the ImageBuffer: a receiver or the assembler
+    restarting; or the detector skipped them). A step to an id not above the previous one is not a skip:
+    the detector restarted (its counter began again) or an id repeated; it is counted in
+    `image_id_backward_jumps`, and counting goes on from the new id. `add` is the agent's per-image path:
+    two list increments and an integer comparison.
+
+    `totals`, if given, is the agent's tally over all requests, counted along (its own `add` is never
+    called: a jump between two requests' images is none of theirs)."""
+
+    __slots__ = ("statuses", "last_id", "gaps", "skipped", "backward", "totals")
+
+    def __init__(self, totals: ImageTally | None = None) -> None:
+        self.statuses = [0] * (len(STATUS_FIELDS) + 1)  # the last one: any other status value
+        self.last_id: int | None = None
+        self.gaps = self.skipped = self.backward = 0
+        self.totals = totals
+
+    def add(self, image_id: int, status: int) -> None:
+        i = status if status < len(STATUS_FIELDS) else -1
+        self.statuses[i] += 1
+        if self.totals is not None:
+            self.totals.statuses[i] += 1
+        last, self.last_id = self.last_id, image_id
+        if last is not None and image_id != last + 1:
+            self._jump(image_id - last)
+
+    def _jump(self, step: int) -> None:
+        for tally in (self, self.totals) if self.totals is not None else (self,):
+            if step > 1:
+                tally.gaps += 1
+                tally.skipped += step - 1
+            else:
+                tally.backward += 1
+
+    def counts(self) -> dict[str, int]:
+        """The TALLY_FIELDS, as they go into the request's summary."""
+        out = dict(zip((*STATUS_FIELDS, "images_other_status"), self.statuses))
+        out["images_incomplete"] = sum(self.statuses) - self.statuses[0]
+        out["image_id_gaps"], out["image_ids_skipped"] = self.gaps, self.skipped
+        out["image_id_backward_jumps"] = self.backward
+        return out
+
+
+def describe_tally(counts: Mapping[str, int], n_images: int, skips_expected: bool) -> list[str]:
+    """Phrases for what is wrong in a tally's counts (none when nothing is): skipped ids (left out when
+    `skips_expected`: pulse ids as image ids, where a reduced rate skips ids by design), ids going back,
+    incomplete images."""
+    out = []
+    if counts["image_ids_skipped"] and not skips_expected:
+        gaps = counts["image_id_gaps"]
+        out.append(f"{counts['image_ids_skipped']} image ids skipped in {gaps} gap{'s' if gaps != 1 else ''} "
+                   "(images the detector counted that never reached the ImageBuffer, or that it skipped)")
+    if counts["image_id_backward_jumps"]:
+        out.append(f"the image id went back {counts['image_id_backward_jumps']} time(s) (a detector restart?)")
+    if counts["images_incomplete"]:
+        kinds = ", ".join(f"{counts[name]} {name[len('images_'):].replace('_', ' ')}"
+                          for name in (*STATUS_FIELDS[1:], "images_other_status") if counts[name])
+        out.append(f"{counts['images_incomplete']} of {n_images} images incomplete ({kinds})")
+    return out
 
 
 class AgentSettings:
@@ -76,7 +150,8 @@ class Job:
 
     STARTING, WRITING, STOPPING, RECOVERING = "starting", "writing", "stopping", "recovering"
 
-    def __init__(self, request: WriteRequest, delivery: Delivery, images: zmq.Socket) -> None:
+    def __init__(self, request: WriteRequest, delivery: Delivery, images: zmq.Socket,
+                 totals: ImageTally | None = None) -> None:
         self.request, self.delivery, self.images = request, delivery, images
         self.state = Job.STARTING
         self.started = time.monotonic()
@@ -87,6 +162,7 @@ class Job:
         self.dropped = 0  # images that reached the agent and could not be handed to std_h5_writer
         self.gaps = 0
         self.last_sequence: int | None = None
+        self.tally = ImageTally(totals)  # of the images forwarded
         self.n_written = 0
         self.n_lost = 0
         self.killed = False
@@ -108,10 +184,11 @@ class WriterAgent:
         self.writer_status.connect(writer_status_address(config))
         self.counters = Counters("requests", "requests_succeeded", "requests_failed", "requests_rejected",
                                  "requests_killed", "images_forwarded", "images_dropped", "sequence_gaps",
-                                 "bad_messages",
+                                 "bad_messages", *TALLY_FIELDS,
                                  "writer_timeouts", "broker_connected", "broker_reconnects",
                                  "statuses_pending", "statuses_dropped", "busy")
         self.job: Job | None = None
+        self.tally = ImageTally()  # of every image forwarded since the start (the requests' tallies add to it)
         self.stopping = False  # set by stop(): requests that reach the agent from then on are refused
         self.waiting: collections.deque[Delivery] = collections.deque()
         self.killed: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -277,7 +354,7 @@ class WriterAgent:
             return
         images = make_socket(self.context, zmq.SUB, hwm=HWM)
         images.connect(image_metadata_address(self.config))
-        self.job = Job(request, delivery, images)
+        self.job = Job(request, delivery, images, self.tally)
         self.counters.busy = 1
         self._save_record()
         log.info("request %s: %d images to %s (run %d)", rid, request.n_images, request.output_file, request.run_id)
@@ -366,8 +443,11 @@ class WriterAgent:
         """request_progress with the writer's last counts; `writer_silent` adds that the agent is waiting
         for std_h5_writer (not connected yet, or no status from it for a while)."""
         job.last_report = time.monotonic()
+        t = job.tally
         report = {"n_written": job.n_written, "n_lost": job.n_lost, "n_forwarded": job.forwarded,
-                  "n_images": job.request.n_images, "n_dropped": job.dropped, "state": job.state}
+                  "n_images": job.request.n_images, "n_dropped": job.dropped, "state": job.state,
+                  "images_incomplete": job.forwarded - t.statuses[0], "image_id_gaps": t.gaps,
+                  "image_ids_skipped": t.skipped}
         if writer_silent or job.state == Job.STARTING:
             report["waiting_for"] = "std_h5_writer"
         self._publish(job.request.request_id, job.delivery.body, broker.REQUEST_PROGRESS, json.dumps(report))
@@ -411,6 +491,7 @@ class WriterAgent:
                 self.counters.images_dropped += 1
                 continue
             job.forwarded += 1
+            job.tally.add(meta.id, meta.status)
             self.counters.images_forwarded += 1
             if job.forwarded == r.n_images:
                 self._send_stop(job)
@@ -463,17 +544,29 @@ class WriterAgent:
             reason = f"{job.failure}; {r.output_file} is closed and holds {job.n_written} images"
         if reason is not None and job.dropped and "could not be handed" not in reason:
             reason = f"{reason} ({job.dropped} images could not be handed to std_h5_writer)"
+        counts = job.tally.counts()
+        trouble = describe_tally(counts, job.forwarded, self.config.image_id_source == "pulse_id")
+        if reason is not None and trouble:
+            reason = f"{reason}; of the images forwarded: {'; '.join(trouble)}"
         job.images.close()
         self.job = None  # before publishing: the record then holds the final status and no running request
         self.counters.busy = 0
         if reason is None:
             if duration > 0:
                 summary["images_per_s"] = round(job.n_written / duration, 1)
+            summary.update(counts)
+            # A success says in words when its file is not n_images consecutive, good images (the counts
+            # alone are easy to overlook: image ids skipped were nowhere reported before these fields).
+            trouble += [f"{n} {what}" for n, what in ((job.n_lost, "images lost by std_h5_writer"),
+                                                      (job.gaps, "images missed by writer_agent (sequence gaps)"),
+                                                      (job.dropped, "images not handed to std_h5_writer")) if n]
+            if trouble:
+                summary["warning"] = "; ".join(trouble)
             self.counters.requests_succeeded += 1
             self._publish(r.request_id, job.delivery.body, broker.REQUEST_SUCCESS, json.dumps(summary),
                           ack=job.delivery)
             # Logged once the status is on record: from here on a crash cannot lose it.
-            log.info("request %s: done, %s", r.request_id, summary)
+            (log.warning if trouble else log.info)("request %s: done, %s", r.request_id, summary)
         else:
             self.counters.requests_failed += 1
             self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason, ack=job.delivery)
@@ -540,4 +633,6 @@ class WriterAgent:
         self.counters.broker_connected = int(self.link.connected.is_set())
         self.counters.broker_reconnects = self.link.reconnects
         self.counters.statuses_pending = self.link.pending()
+        for name, value in self.tally.counts().items():
+            setattr(self.counters, name, value)
         return self.counters.snapshot()
