@@ -11,7 +11,9 @@ Layout (`<det>` is the detector name; docs/std_h5_writer.md has the full list):
                                     the same datasets as under /entry/instrument/detector
 Root attributes say what the file holds: detector name/type, bit depth, image shape, module positions,
 conversion and calibration file, the request (JSON), start and end time, software version, and `state`:
-"writing" while open (what a crash leaves), then "complete" or "interrupted" (stopped early, trimmed).
+"writing" while open (what a crash leaves), then "complete" or "interrupted" (stopped early, trimmed; or,
+with an `interruption` attribute saying so, marked by the next writer after its writer died:
+mark_interrupted).
 
 Image status in the file: the ImageMetadata status (0 good, 1 missing packets, 2 id mismatch, 3 missing
 module), 4 = lost: the image was overwritten in the ImageBuffer before it could be written, 5 = rejected:
@@ -26,6 +28,8 @@ import json
 import os
 import stat
 import time
+from dataclasses import dataclass
+from typing import Iterable
 
 import h5py
 import hdf5plugin
@@ -34,6 +38,7 @@ import numpy as np
 
 from core_buffer import __version__
 from core_buffer.config import DetectorConfig
+from core_buffer.errors import StdDaqError
 from core_buffer.output import open_output_directory
 
 STATUS_LOST = 4
@@ -52,6 +57,10 @@ NX = "NX_class"
 # boundary (17 gaps in 1000 chunks), and pwrites to such scattered chunks took ~4 us an image more than
 # to contiguous ones (measured: 232 against 228 us); with 1 MiB blocks the chunks are contiguous.
 CHUNK_ALIGNMENT = 1 << 20
+
+# Files HDF5 failed to close (a metadata write failed: file too large, disk full): h5py would crash the
+# process finalising them, so they are kept, unreachable, for good (see also writer.UNCLOSABLE_FILES).
+_UNCLOSABLE: list = []
 
 # Pixel pitch in metres, for the NXdetector (a detector type not listed gets none).
 PIXEL_SIZE_M = {"jungfrau": 75e-6, "eiger": 75e-6, "gigafrost": 11e-6}
@@ -107,6 +116,10 @@ def _link(group: h5py.Group, name: str, target: h5py.Dataset) -> None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class UnmarkableFileError(StdDaqError):
+    """A file a dead writer left open that cannot (or must not) be marked interrupted; the message says why."""
 
 
 class OutputRemovedError(OSError):
@@ -192,8 +205,17 @@ class OutputFile:
         self.room_unchecked = 0
         try:
             self._layout(config, request, compression)
+            # The layout reaches the file now, not at the first periodic flush: a writer killed before
+            # that one leaves a file of no rows that opens (and is marked interrupted on restart), where
+            # it left a superblock only ("truncated file": HDF5 keeps new metadata in memory until a flush).
+            # ~0.2 ms a file. The flush also extends the file to its allocated size (the preallocated
+            # chunks, as holes): a run longer than the file size limit is refused here ("File too large").
+            self.file.flush()
         except BaseException:
-            self.file.close()
+            try:
+                self.file.close()
+            except Exception:  # noqa: BLE001 - a metadata write failed (EFBIG, ENOSPC): HDF5 cannot close it
+                _UNCLOSABLE.append(self.file)
             os.unlink(path)
             raise
         self.n_slots = 0  # rows accounted for (written, lost or rejected): the length the file is trimmed to
@@ -401,3 +423,104 @@ class OutputFile:
                                "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
         self.file.close()
         self.check_in_place()
+
+
+# --- a file whose writer died ---------------------------------------------------------------------------
+
+PER_IMAGE_NAMES = ("image_id", "status", "pulse_id", "frame_index", "daq_rec")
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What mark_interrupted left in a file whose writer died."""
+
+    n_rows: int  # rows kept, the file trimmed to them: the rows its last flush accounted for
+    n_written: int  # of those, images with their pixels (status 0-3)
+    n_lost: int
+    n_rejected: int
+    already_marked: bool  # an earlier marking had done it (and was itself cut off before it was noted)
+
+
+def mark_interrupted(path: str, output_dirs: Iterable[str], request: dict, note: str) -> Interrupted:
+    """Mark the file a killed writer left open at `path` as interrupted: root attribute `state` =
+    "interrupted", `interruption` = `note`, `end_time` = the file's last modification (the dead writer's
+    last write), the `n_images_*` counts, and the file trimmed to the rows its last flush accounted for
+    (the rows after them read "not written" and held nothing anyone can identify).
+
+    Only the file that writer created: reached inside `output_dirs` without following links, a regular
+    file, its `request` attribute equal to `request` and its `state` "writing" (anything else raises
+    UnmarkableFileError, and the file is left as it is). Opened without HDF5's file lock: its writer is
+    dead (the caller holds the detector's writer lock), and a reader that has it open must not stop the
+    marking. Any other failure (HDF5 cannot open or read it: killed halfway through a metadata write)
+    raises what HDF5 raised."""
+    name = os.path.basename(path)
+    dir_fd = open_output_directory(path, output_dirs)
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the writer's start.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnmarkableFileError(f"{path} is not a regular file")
+        last_write = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(st.st_mtime))
+        # The inode just checked, opened again read-write through its descriptor (not through the name).
+        f = h5py.File(f"/proc/self/fd/{fd}", "r+", locking=False)
+    finally:
+        os.close(fd)
+    try:
+        result = _mark(f, path, request, note, last_write)
+    except BaseException:
+        _close_or_keep(f)
+        raise
+    _close_or_keep(f)
+    return result
+
+
+def _close_or_keep(f: h5py.File) -> None:
+    try:
+        f.close()
+    except BaseException:
+        _UNCLOSABLE.append(f)
+        raise
+
+
+def _text(value: object) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
+def _mark(f: h5py.File, path: str, request: dict, note: str, last_write: str) -> Interrupted:
+    attrs = f.attrs
+    try:
+        written_request = json.loads(_text(attrs.get("request")) or "null")
+    except ValueError:
+        written_request = None
+    if written_request != request:
+        raise UnmarkableFileError(f"{path} holds another request than the one the dead writer had open (the file "
+                                  "was replaced since?); left as it is")
+    state = _text(attrs.get("state"))
+    if state == "interrupted" and "interruption" in attrs:
+        return Interrupted(f["entry/data/data"].shape[0], int(attrs.get("n_images_written", 0)),
+                           int(attrs.get("n_images_lost", 0)), int(attrs.get("n_images_rejected", 0)), True)
+    if state != "writing":
+        raise UnmarkableFileError(f"{path} says state {state!r}, not 'writing'; left as it is")
+    detector = f["entry/instrument/detector"]
+    statuses = detector["status"][:]
+    accounted = np.flatnonzero(statuses != STATUS_NOT_WRITTEN)
+    n_rows = int(accounted[-1]) + 1 if len(accounted) else 0
+    kept = statuses[:n_rows]
+    n_lost = int((kept == STATUS_LOST).sum())
+    n_rejected = int((kept == STATUS_REJECTED).sum())
+    n_written = len(accounted) - n_lost - n_rejected
+    _set_attrs(f, {"state": "interrupted", "interruption": note, "end_time": last_write,
+                   "n_images_written": n_written, "n_images_lost": n_lost, "n_images_rejected": n_rejected})
+    f["entry/end_time"][()] = last_write
+    f.flush()  # the mark first, then the trim
+    data = f["entry/data/data"]
+    if data.shape[0] > n_rows:
+        data.resize(n_rows, axis=0)
+    for column in PER_IMAGE_NAMES:
+        if column in detector and detector[column].shape[0] > n_rows:
+            detector[column].resize((n_rows,))
+    return Interrupted(n_rows, n_written, n_lost, n_rejected, False)

@@ -13,9 +13,12 @@ and its row holds zeros, never another image's pixels; a slot that is not an ima
 recorded with status 5 (rejected).
 stop: trim to the images accounted for, close, report `finished` (or `failed` after an I/O error).
 Statuses go out at start, every `writer.status_interval_s` while writing, and at the end. The file is
-flushed every `writer.flush_interval_s`, so after a crash it is readable up to the last flush and its
-`state` attribute still says "writing". Any I/O error (disk full, directory removed) fails the run with
-the error's text, closes the file as far as possible and leaves the writer ready for the next start.
+flushed when it is made and every `writer.flush_interval_s`, so after a crash (kill -9) it is readable up
+to the last flush, with `state` "writing"; the writer keeps a record of the file it has open
+(open_files.py), and the next writer of the detector, at its start, marks such a file "interrupted",
+trims it to the rows that flush accounted for, and sends the final status the dead writer owed. Any I/O
+error (disk full, directory removed) fails the run with the error's text, closes the file as far as
+possible and leaves the writer ready for the next start.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import Counters
 from std_h5_writer.compression import Bitshuffle, CompressionUnavailable, check_chunk_header
 from std_h5_writer.h5file import PREALLOCATE_MAX_IMAGES, STATUS_LOST, STATUS_REJECTED, OutputFile
+from std_h5_writer.open_files import OpenFileRecords
 
 log = logging.getLogger("std_h5_writer")
 
@@ -81,6 +85,7 @@ class Run:
     def __init__(self, run_id: int, request: dict, output_file: str, n_images: int) -> None:
         self.run_id, self.request, self.output_file, self.n_images = run_id, request, output_file, n_images
         self.file: OutputFile | None = None
+        self.record: str | None = None  # the name of its record of the open file (open_files.py)
         self.error: str | None = None
         self.started = time.monotonic()
         self.last_status = 0.0
@@ -106,45 +111,54 @@ class H5Writer:
     def __init__(self, config: DetectorConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self.settings = WriterSettings(config)
-        self.images = ImageBuffer.for_config(config)
-        self.frames: FrameBuffer | None = None
-        self.dtype = np.dtype(config.image_dtype)
-        self.shape = config.image_shape
-        self.image_bytes = config.image_bytes
-        self.buffer = np.empty(self.shape, self.dtype)  # only for HDF5's filter path (no bitshuffle library)
-        # For the uncompressed hot path (_write_queued): every slot's metadata and bytes, indexed by slot, and
-        # the ImageMetadata dtype code of this file's images.
-        self.n_slots = self.images.layout.n_slots
-        self.slot_metas = self.images.all_metas()
-        self.slot_ids = self.slot_metas["id"]
-        self.slot_bytes = [memoryview(self.images.slot_data(slot)[:self.image_bytes])
-                           for slot in range(self.n_slots)]
-        self.dtype_code = int(Dtype.from_numpy(self.dtype))
-        # Writes received and not done yet (_write_queued): their rows and image ids.
-        self.queued_rows: list[int] = []
-        self.queued_ids: list[int] = []
-        self.compressed = self.settings.compression == "bitshuffle-lz4"
-        self.compressor: Bitshuffle | None = None
-        self.pool: ThreadPoolExecutor | None = None
-        self.pending: collections.deque[Pending] = collections.deque()
-        self.free_buffers: list[np.ndarray] = []
-        if self.compressed:
-            self._set_up_compression()
-        self.counters = Counters("starts", "files_finished", "files_failed", "images_written", "images_lost",
-                                 "images_rejected", "frame_fields_missing", "bad_messages", "stray_messages",
-                                 "statuses_not_sent", "writing", "last_written_id")
-        self._attach_frames()
-        self.context = context or zmq.Context.instance()
-        self.pull = make_socket(self.context, zmq.PULL, hwm=HWM)
-        self.pull.connect(store_stream_address(config))
-        self.status = make_socket(self.context, zmq.PUSH, hwm=HWM, linger_ms=1000)
-        self.status.bind(writer_status_address(config))
-        self.run: Run | None = None
-        self.unsent: collections.deque[bytes] = collections.deque(maxlen=UNSENT_STATUSES_MAX)
-        log.info("writing %s images %s (%s%s), requests from %s, statuses to %s", self.dtype, self.shape,
-                 self.settings.compression,
-                 f", {self.settings.compression_threads} thread(s)" if self.compressor else "",
-                 store_stream_address(config), writer_status_address(config))
+        # Before anything else, and before the StoreStream is connected: a second writer of this detector
+        # stops here, without taking a message meant for the first (open_files.py).
+        self.records = OpenFileRecords.for_config(config)
+        try:
+            self.images = ImageBuffer.for_config(config)
+            self.frames: FrameBuffer | None = None
+            self.dtype = np.dtype(config.image_dtype)
+            self.shape = config.image_shape
+            self.image_bytes = config.image_bytes
+            self.buffer = np.empty(self.shape, self.dtype)  # only for HDF5's filter path (no bitshuffle library)
+            # For the uncompressed hot path (_write_queued): every slot's metadata and bytes, indexed by slot, and
+            # the ImageMetadata dtype code of this file's images.
+            self.n_slots = self.images.layout.n_slots
+            self.slot_metas = self.images.all_metas()
+            self.slot_ids = self.slot_metas["id"]
+            self.slot_bytes = [memoryview(self.images.slot_data(slot)[:self.image_bytes])
+                               for slot in range(self.n_slots)]
+            self.dtype_code = int(Dtype.from_numpy(self.dtype))
+            # Writes received and not done yet (_write_queued): their rows and image ids.
+            self.queued_rows: list[int] = []
+            self.queued_ids: list[int] = []
+            self.compressed = self.settings.compression == "bitshuffle-lz4"
+            self.compressor: Bitshuffle | None = None
+            self.pool: ThreadPoolExecutor | None = None
+            self.pending: collections.deque[Pending] = collections.deque()
+            self.free_buffers: list[np.ndarray] = []
+            if self.compressed:
+                self._set_up_compression()
+            self.counters = Counters("starts", "files_finished", "files_failed", "images_written", "images_lost",
+                                     "images_rejected", "frame_fields_missing", "bad_messages", "stray_messages",
+                                     "statuses_not_sent", "writing", "last_written_id", "left_open_marked",
+                                     "left_open_not_marked")
+            self._attach_frames()
+            self.context = context or zmq.Context.instance()
+            self.pull = make_socket(self.context, zmq.PULL, hwm=HWM)
+            self.pull.connect(store_stream_address(config))
+            self.status = make_socket(self.context, zmq.PUSH, hwm=HWM, linger_ms=1000)
+            self.status.bind(writer_status_address(config))
+            self.run: Run | None = None
+            self.unsent: collections.deque[bytes] = collections.deque(maxlen=UNSENT_STATUSES_MAX)
+            log.info("writing %s images %s (%s%s), requests from %s, statuses to %s", self.dtype, self.shape,
+                     self.settings.compression,
+                     f", {self.settings.compression_threads} thread(s)" if self.compressor else "",
+                     store_stream_address(config), writer_status_address(config))
+        except BaseException:
+            self.records.close()
+            raise
+        self._mark_left_open()
 
     def _set_up_compression(self) -> None:
         try:
@@ -233,17 +247,23 @@ class H5Writer:
             run.output_file = path
             uid = self._owner(message.user_id)
             self._attach_frames()
+            # Recorded before the file is made, so a kill from here on leaves a record for the next writer;
+            # once per file (~0.05 ms), removed when the file is closed or was not made.
+            run.record = self.records.note(path, run.run_id, request)
             run.file = OutputFile(path, self.config, request, message.n_images, self.dtype,
                                   self.settings.compression, mode=self.config.file_mode,
                                   overwrite=self.config.overwrite_files, uid=uid,
                                   preallocate_max_images=self.settings.preallocate_max_images)
         except (OutputPathError, RequestError) as exc:
+            self.records.forget(run.record)
             self._report_refusal(message, run.output_file, str(exc))
             return
         except OSError as exc:
+            self.records.forget(run.record)
             self._report_refusal(message, run.output_file, f"cannot create the file: {exc.strerror or exc}")
             return
         except Exception as exc:  # noqa: BLE001 - every start gets a status (DESIGN.md §4), whatever failed
+            self.records.forget(run.record)
             log.exception("run %d: creating %s failed", message.run_id, run.output_file)
             self._report_refusal(message, run.output_file, f"cannot create the file: {type(exc).__name__}: {exc}")
             return
@@ -265,6 +285,29 @@ class H5Writer:
         except KeyError:
             raise RequestError(f"user_id {user_id} is not a user on the writer's host") from None
         return user_id
+
+    def _mark_left_open(self) -> None:
+        """Mark interrupted the file(s) a previous writer of this detector left open when it died (its
+        records, open_files.py), and send the final status that writer owed each run: a writer_agent
+        still waiting for the run ends its request with it, instead of after its writer_timeout_s."""
+        for left in self.records.recover(self.config.output_dirs):
+            marked = left.marked
+            details = {"request_id": left.request.get("request_id"), "n_images": left.request.get("n_images"),
+                       "dead_writer_pid": left.pid}
+            died = f"std_h5_writer died while writing (pid {left.pid}: killed or crashed)"
+            if marked is None:
+                self.counters.left_open_not_marked += 1
+                status = WriterStatus(left.run_id, WriterState.FAILED, left.output_file,
+                                      error=f"{died}; restarted: {left.error}", details=details)
+            else:
+                self.counters.left_open_marked += 1
+                details.update(n_lost=marked.n_lost, n_rejected=marked.n_rejected, file_state="interrupted")
+                status = WriterStatus(left.run_id, WriterState.FAILED, left.output_file, marked.n_written,
+                                      marked.n_lost + marked.n_rejected,
+                                      f"{died}; restarted, it marked {left.output_file} interrupted: "
+                                      f"{marked.n_written} images readable, those after its last flush lost",
+                                      details)
+            self._push(status)
 
     # --- images ---------------------------------------------------------------------------------------
 
@@ -529,6 +572,7 @@ class H5Writer:
             self.counters.writing = 0
         self._drain(block=True)
         if run.file is not None:
+            closed = True
             try:
                 run.file.close(state)
             except Exception as exc:  # noqa: BLE001 - the status must go out whatever closing raised
@@ -538,7 +582,11 @@ class H5Writer:
                 except Exception:  # noqa: BLE001 - the file is beyond saving; the status says so
                     # HDF5 could not close it (a write failed inside its metadata): h5py would crash the
                     # process when it finalises these objects, so they are kept, unreachable, for good.
+                    # Its record stays: the next writer tries to mark it interrupted.
                     UNCLOSABLE_FILES.append(run.file)
+                    closed = False
+            if closed:
+                self.records.forget(run.record)
         failed = error is not None
         run.error = error
         self.counters.files_failed += failed
@@ -610,7 +658,8 @@ class H5Writer:
             self._finish(self.run, "interrupted", "std_h5_writer was stopped (SIGTERM) while writing")
 
     def close(self) -> None:
-        # Order: the pool first (its threads read the ImageBuffer), then sockets, then the buffers.
+        # Order: the pool first (its threads read the ImageBuffer), then sockets, then the buffers, then the
+        # lock of the record directory (the next writer may start once this one is done with everything).
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.pull.close()
@@ -619,6 +668,7 @@ class H5Writer:
         self.images.close()
         if self.frames is not None:
             self.frames.close()
+        self.records.close()
 
     def stats(self) -> Mapping[str, int]:
         return self.counters.snapshot()

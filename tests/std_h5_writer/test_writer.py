@@ -7,6 +7,7 @@ import pwd
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from core_buffer.ipc import make_socket, store_stream_address, writer_status_add
 from core_buffer.pattern import frame_pattern
 from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import run
-from std_h5_writer import h5file
+from std_h5_writer import h5file, open_files
 from std_h5_writer.compression import Bitshuffle
 from std_h5_writer.h5file import STATUS_LOST, STATUS_NOT_WRITTEN, STATUS_REJECTED
 from std_h5_writer import writer as writer_module
@@ -278,7 +279,9 @@ def _limit_file_size():
 
 
 def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_request_succeeds(make_config, tmp_path):
-    path_cfg, config = make_config(output_dirs=[str(tmp_path)])
+    # Written through H5Dwrite_chunk, the file grows image by image. (Preallocated, it has its full size
+    # from the start: the next test.)
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)], writer={"preallocate_max_images": 0})
     agent = Agent(config)
     proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
                             preexec_fn=_limit_file_size)
@@ -302,6 +305,26 @@ def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_reques
         agent.close()
     with h5py.File(tmp_path / "next.h5", "r") as f:
         assert f["entry/data/data"].shape[0] == 1
+
+
+def test_a_preallocated_run_larger_than_the_file_size_limit_is_refused_at_its_start_and_leaves_no_file(make_config,
+                                                                                                        tmp_path):
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)])
+    agent = Agent(config)
+    proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limit_file_size)
+    try:
+        agent.start(tmp_path / "big.h5", 10)  # 10 MiB against a 3 MiB limit
+        refused = agent.wait(timeout_s=20)
+        assert refused.state == WriterState.FAILED and "File too large" in refused.error, refused.error
+        assert not (tmp_path / "big.h5").exists()
+        write_run(agent, tmp_path / "next.h5", [5], run_id=2)
+        assert agent.wait(run_id=2, timeout_s=20).state == WriterState.FINISHED
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+        agent.close()
+    assert proc.returncode == 0
 
 
 def test_user_id_sets_the_owner_when_running_as_root(writer_rig, tmp_path):
@@ -348,6 +371,8 @@ def test_sigterm_closes_the_open_file_cleanly(make_config, tmp_path):
         agent.close()
     with h5py.File(tmp_path / "term.h5", "r") as f:
         assert f["entry/data/data"].shape[0] == 2 and f.attrs["state"] == "interrupted"
+        assert "interruption" not in f.attrs  # closed by its own writer, not marked after a crash
+    assert not os.path.exists(open_files.record_directory(config))  # no record of an open file left
 
 
 def test_the_file_is_nxmx_with_definition_times_sample_and_detector_data_link(writer_rig, tmp_path):
@@ -583,7 +608,9 @@ def test_a_writer_not_running_as_root_refuses_a_request_for_another_user(make_co
     shared = tempfile.mkdtemp(prefix="std-daq-h5w-")
     try:
         os.chmod(shared, 0o1777)
-        path, config = make_config(output_dirs=[shared], ipc_dir=shared, shm_mode="0666")
+        # The segments are the test's (root's, mode 0660: shm_mode refuses access for others); the child
+        # keeps the test's group to reach them, with the user's uid.
+        path, config = make_config(output_dirs=[shared], ipc_dir=shared, shm_mode="0660")
         old_umask = os.umask(0)  # the agent's socket files must be connectable by the child's user
         try:
             agent = Agent(config)
@@ -598,7 +625,8 @@ def test_a_writer_not_running_as_root_refuses_a_request_for_another_user(make_co
             from std_h5_writer.writer import H5Writer
             config = load_config({str(path)!r})
             if os.geteuid() == 0:
-                os.setgid({user.pw_gid})
+                os.setgroups([])
+                os.setgid({os.getegid()})
                 os.setuid({user.pw_uid})
             writer = H5Writer(config, zmq.Context())
             deadline = time.monotonic() + 60
@@ -663,3 +691,144 @@ def test_an_image_overwritten_while_it_is_compressed_is_recorded_as_lost(writer_
         assert list(f[f"{agent.config.detector_name}/status"][:]) == [0, STATUS_LOST, 0]
         data = f["entry/data/data"][:]
     assert np.array_equal(data[0], pixels[0]) and np.array_equal(data[2], pixels[2]) and not data[1].any()
+
+
+# --- a writer killed with a file open (kill -9) -------------------------------------------------------
+
+def _start_writer_process(path_cfg, log_path):
+    with open(log_path, "a") as log_file:
+        return subprocess.Popen(["std_h5_writer", str(path_cfg)], stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _stop_writer_process(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _rows_a_crash_would_leave(path, copy):
+    """Rows accounted for in what a crash right now would leave (a copy of the file as it is on disk);
+    0 while the copy caught a flush halfway."""
+    shutil.copyfile(path, copy)
+    try:
+        with h5py.File(copy, "r") as f:
+            return int((f["entry/instrument/detector/status"][:] != STATUS_NOT_WRITTEN).sum())
+    except OSError:
+        return 0
+
+
+def _kill_9_mid_run(agent, path_cfg, log_path, out, tmp_path, n_images):
+    """A writer process that writes 6 images of a run of `n_images`, is seen to have flushed them, gets 3
+    more, and is killed -9 at once. Returns the pixels sent, by row."""
+    proc = _start_writer_process(path_cfg, log_path)
+    try:
+        agent.start(out, n_images)
+        agent.wait((WriterState.WRITING,), timeout_s=30)
+        sent = []
+        for i in range(6):
+            meta, pixels = agent.produce(i + 1)
+            sent.append(pixels)
+            agent.write(i, meta, n_images)
+        deadline = time.monotonic() + 20
+        while _rows_a_crash_would_leave(out, tmp_path / "copy.h5") < 6:
+            assert time.monotonic() < deadline, "the writer never flushed the first 6 images"
+            time.sleep(0.02)
+        for i in range(6, 9):  # flushed or not by the time the kill lands: either way the file says which
+            meta, pixels = agent.produce(i + 1)
+            sent.append(pixels)
+            agent.write(i, meta, n_images)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+    finally:
+        _stop_writer_process(proc)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["state"] == "writing"  # what the kill left
+    return sent
+
+
+# Uncompressed, the chunks are preallocated and written with pwrite (HDF5's metadata changes only at a
+# flush); compressed, each chunk goes through H5Dwrite_chunk (the chunk index changes with every image).
+@pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
+def test_a_file_left_open_by_a_killed_writer_is_marked_interrupted_by_the_next_writer_up_to_its_last_flush(
+        make_config, tmp_path, compression):
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)], writer={
+        "flush_interval_s": 0.05, "status_interval_s": 0.05, "compression": compression})
+    agent = Agent(config)
+    log_path = tmp_path / "writer.log"
+    out = tmp_path / "killed.h5"
+    try:
+        sent = _kill_9_mid_run(agent, path_cfg, log_path, out, tmp_path, n_images=20)
+        proc = _start_writer_process(path_cfg, log_path)
+        try:
+            final = agent.wait(run_id=1, timeout_s=30)  # the status the dead writer owed
+            assert final.state == WriterState.FAILED
+            assert f"marked {out} interrupted: {final.n_written} images readable" in final.error, final.error
+            assert 6 <= final.n_written <= 9 and final.n_missing == 0
+            assert final.details["file_state"] == "interrupted" and final.details["request_id"] == "r-1"
+            write_run(agent, tmp_path / "next.h5", [42], run_id=2)  # and the restarted writer serves on
+            assert agent.wait(run_id=2, timeout_s=30).state == WriterState.FINISHED
+        finally:
+            _stop_writer_process(proc)
+    finally:
+        agent.close()
+    det = config.detector_name
+    with h5py.File(out, "r") as f:
+        n = final.n_written
+        assert f.attrs["state"] == "interrupted" and "died with the file open" in f.attrs["interruption"]
+        assert (f.attrs["n_images_written"], f.attrs["n_images_lost"], f.attrs["n_images_rejected"]) == (n, 0, 0)
+        assert f["entry/data/data"].shape[0] == n  # trimmed to the rows its last flush accounted for
+        assert list(f[f"{det}/image_id"][:]) == list(range(1, n + 1)) and not f[f"{det}/status"][:].any()
+        for row in range(n):
+            assert np.array_equal(f["entry/data/data"][row], sent[row]), row
+        assert f["entry/end_time"][()].decode() == f.attrs["end_time"]
+    log_text = log_path.read_text()
+    assert f"to {out}: marked it interrupted, {n} images readable" in log_text
+    assert not os.path.exists(open_files.record_directory(config))  # no record left, nor its directory
+
+
+def test_a_file_left_open_that_hdf5_cannot_open_is_reported_by_path_and_the_writer_serves_on(make_config,
+                                                                                            tmp_path):
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)],
+                                   writer={"flush_interval_s": 0.05, "status_interval_s": 0.05})
+    agent = Agent(config)
+    log_path = tmp_path / "writer.log"
+    out = tmp_path / "broken.h5"
+    try:
+        _kill_9_mid_run(agent, path_cfg, log_path, out, tmp_path, n_images=20)
+        with open(out, "r+b") as f:  # as if killed halfway through writing its metadata: the superblock only
+            f.truncate(96)
+        proc = _start_writer_process(path_cfg, log_path)
+        try:
+            final = agent.wait(run_id=1, timeout_s=30)
+            assert final.state == WriterState.FAILED and f"{out} cannot be marked interrupted" in final.error
+            write_run(agent, tmp_path / "next.h5", [42], run_id=2)
+            assert agent.wait(run_id=2, timeout_s=30).state == WriterState.FINISHED
+        finally:
+            _stop_writer_process(proc)
+    finally:
+        agent.close()
+    assert f"{out} cannot be marked interrupted" in log_path.read_text()
+    assert not os.path.exists(open_files.record_directory(config))  # reported once, not tried at every start
+
+
+def test_the_open_file_is_recorded_while_it_is_written_and_a_second_writer_of_the_detector_refuses_to_start(
+        writer_rig, tmp_path):
+    agent, writer = writer_rig()
+    records = open_files.record_directory(agent.config)
+    agent.start(tmp_path / "open.h5", 2)
+    agent.wait((WriterState.WRITING,))
+    (record,) = [name for name in os.listdir(records) if name.endswith(open_files.RECORD_SUFFIX)]
+    with open(os.path.join(records, record)) as f:
+        assert json.load(f)["output_file"] == str(tmp_path / "open.h5")
+    assert stat.S_IMODE(os.stat(records).st_mode) == 0o700
+    with pytest.raises(open_files.WriterRunningError, match="another std_h5_writer of this detector is running"):
+        H5Writer(agent.config)
+    meta, _ = agent.produce(1)
+    agent.write(0, meta, 2)
+    agent.stop(1, 2)
+    assert agent.wait().state == WriterState.FINISHED
+    assert os.listdir(records) == []
