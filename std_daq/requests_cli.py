@@ -91,6 +91,8 @@ def run_write(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             print(f"done: {s.get('images_written')} images written, {s.get('images_lost', 0)} lost, "
                   f"{s.get('sequence_gaps', 0)} missed by the agent{dropped}, in {s.get('duration_s')} s -> "
                   f"{s.get('output_file')}", file=out)
+            if s.get("warning"):  # written, but not n_images consecutive good images: say what is wrong
+                print(f"warning: {s['warning']}", file=out)
             return 0
         print(f"FAILED: {result.message}", file=sys.stderr)
         return 1

@@ -72,6 +72,15 @@ def test_write_wait_shows_a_progress_bar_exits_0_and_prints_the_file(rig):
         assert f["/entry/data/data"].shape[0] == 200
 
 
+def test_write_wait_prints_the_warning_of_a_write_that_missed_images(rig):
+    r = rig(skip_sequence_every=10)  # the agent sees a sequence gap every 10 images
+    path = r.out / "gaps.h5"
+    result = std_daq(r.url, "write", str(path), "30", "--tag", r.tag, "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr + r.logs()
+    assert re.search(r"^warning: .*\d+ images missed by writer_agent \(sequence gaps\)", result.stdout,
+                     re.MULTILINE), result.stdout
+
+
 def test_write_wait_of_a_bad_request_exits_1_printing_the_reason(rig):
     r = rig(rate_hz=0)
     result = std_daq(r.url, "write", "/etc/std-daq-cli-test.h5", "5", "--tag", r.tag, "--wait")
