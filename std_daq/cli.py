@@ -18,7 +18,11 @@ def _buffers_rm(args: argparse.Namespace) -> int:
     if not args.names and not args.all:
         print("std-daq buffers rm: name the segments to remove, or pass --all", file=sys.stderr)
         return 2
-    removed, missing = buffers.remove_segments(args.names, args.prefix)
+    try:
+        removed, missing = buffers.remove_segments(args.names, args.prefix)
+    except buffers.PrefixError as exc:
+        print(f"std-daq buffers rm: {exc}", file=sys.stderr)
+        return 2
     for name in removed:
         print(f"removed {name}")
     for name in missing:

@@ -83,9 +83,10 @@ def test_rm_refuses_an_empty_prefix_and_removes_nothing():
         ls {SHM_DIR}
     """)
     out = result.stdout.split()
-    assert out[:2] == ["rc=1", "rc=1"], result.stdout + result.stderr
+    assert out[:2] == ["rc=2", "rc=2"], result.stdout + result.stderr  # a usage error, said in one line
     assert sorted(out[2:]) == ["PostgreSQL.1", "other-b-images", "std-daq-a-frames"]
-    assert "an empty prefix would select every std-daq segment" in result.stderr
+    assert "std-daq buffers rm: an empty prefix would select every std-daq segment" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_rm_all_touches_only_names_of_std_daq_segments():
