@@ -3,11 +3,13 @@
 1. drain: the socket buffer is filled with at least 100k packets while the receiver waits, then the
    receiver alone empties it into the FrameBuffer (frames checked, placed, committed, pushed); with the
    default batch (128, one Jungfrau frame per call), with 64, and on the recv_into fallback path;
-2. bare: the same fill, emptied by a loop that only receives into one set of buffers (recvmmsg, and
-   recv_into), and the ratio of 1 to it;
+2. bare: the same fill, emptied by a loop that only receives into one set of buffers (recvmmsg with
+   the drain's batch of 128, and recv_into), and the ratio of 1 to it (like with like: same batch);
 3. live: std_udp_sim and std_udp_recv as processes; simulator rates are tried upward and the highest one
-   at which the receiver loses no packet over --live-seconds is reported, with the rate the simulator
-   really achieved (a Python sender may fall short of what it was asked for).
+   at which the receiver loses no packet is reported, with the rate the simulator really achieved (a
+   Python sender may fall short of what it was asked for). Each run sends rate x --live-seconds images,
+   so the sending itself lasts at least --live-seconds (longer if the simulator falls short); the time
+   the simulator took to start is not part of it.
 
 The fill's receive buffer is forced large with SO_RCVBUFFORCE (needs root or CAP_NET_ADMIN; otherwise
 the fill is capped by net.core.rmem_max and the benchmark warns). The live receiver asks for its own
@@ -19,12 +21,13 @@ Run it under the machine's benchmark lock:
     flock /tmp/std-daq-heavy.lock .venv/bin/python benchmarks/udp_recv.py [--images 800]
         [--live-rates 500,1000,2000,3000] [--live-seconds 10] [--long]
 
-The default run takes about a minute; --long tries more rates for 30 s each.
+The default run takes about 2.5 minutes (--no-live: about 40 s); --long tries more rates for 30 s each.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -47,6 +50,7 @@ PACKET_BYTES = 8240
 HEADER_BYTES = 48
 PACKETS_PER_IMAGE = 128
 MIN_FILL = 100_000
+BARE_BATCH = 128  # the drain's default batch: the ratio compares like with like
 LONG_RATES = "500,1000,1500,2000,2500,3000,4000"
 
 
@@ -103,12 +107,13 @@ def drain_receiver(config, n_images: int, repeats: int) -> tuple[list[int], list
         receiver.close()
 
 
-def drain_bare(config, n_images: int, use_recvmmsg: bool, repeats: int) -> list[float]:
-    """Packets/s of a loop that only receives (64 per call, all into the same buffers), per fill."""
+def drain_bare(config, n_images: int, use_recvmmsg: bool, repeats: int, batch_size: int) -> list[float]:
+    """Packets/s of a loop that only receives (`batch_size` per call, all into the same buffers), per fill."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     force_rcvbuf(sock, 2**30)
     sock.bind(("127.0.0.1", config.udp_port(0)))
-    batch = BatchReceiver(sock, 64, HEADER_BYTES, PACKET_BYTES - HEADER_BYTES, PACKET_BYTES, use_recvmmsg=use_recvmmsg)
+    batch = BatchReceiver(sock, batch_size, HEADER_BYTES, PACKET_BYTES - HEADER_BYTES, PACKET_BYTES,
+                          use_recvmmsg=use_recvmmsg)
     rates = []
     try:
         for _ in range(repeats):
@@ -125,8 +130,8 @@ def drain_bare(config, n_images: int, use_recvmmsg: bool, repeats: int) -> list[
 
 
 def live(config_path: Path, rate: float, seconds: float) -> dict:
-    """One live run of `seconds`: packets sent and lost, the simulator's achieved rate, the receiver's CPU
-    and buffer."""
+    """One live run of rate x `seconds` images: packets sent and lost, the simulator's achieved rate and
+    sending time, the receiver's CPU (over the sending time) and buffer."""
     import psutil
 
     recv = subprocess.Popen(["std_udp_recv", str(config_path), "0", "--stats-interval", "1000"],
@@ -134,13 +139,12 @@ def live(config_path: Path, rate: float, seconds: float) -> dict:
     time.sleep(1.0)
     proc = psutil.Process(recv.pid)
     cpu0 = proc.cpu_times()
-    t0 = time.monotonic()
-    sim = subprocess.Popen(["std_udp_sim", str(config_path), "--rate", str(rate), "--n-images", "forever"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(seconds)
-    sim.terminate()  # it stops after the image it is sending and prints what it sent
-    sim_out, _ = sim.communicate(timeout=30)
-    elapsed = time.monotonic() - t0
+    n_images = math.ceil(rate * seconds) + 1  # the first image at 0 s, the last at `seconds` or later
+    # The simulator sends all of them (its start-up is not part of the sending time it reports); a
+    # simulator that falls short of the rate sends for longer.
+    sim = subprocess.run(["std_udp_sim", str(config_path), "--rate", str(rate), "--n-images", str(n_images)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=10 * seconds + 60)
+    sim_out = sim.stdout
     time.sleep(0.5)
     cpu1 = proc.cpu_times()
     recv.terminate()
@@ -156,12 +160,13 @@ def live(config_path: Path, rate: float, seconds: float) -> dict:
             found = re.search(r"\((\w+), batches of (\d+)\)", line)
             path = f"{found.group(1)}, batch {found.group(2)}" if found else "?"
     sent = re.search(r"sent \d+ images, (\d+) packets", sim_out)
-    achieved = re.search(r"([\d.]+) images/s achieved", sim_out)
+    achieved = re.search(r"in ([\d.]+) s: ([\d.]+) images/s achieved", sim_out)
     if not sent or not achieved:
         raise RuntimeError(f"std_udp_sim said: {sim_out!r}")
-    n_sent = int(sent.group(1))
-    return {"sent": n_sent, "lost": n_sent - int(stats.get("packets", 0)), "achieved_hz": float(achieved.group(1)),
-            "cpu": 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed,
+    n_sent, sending_s = int(sent.group(1)), float(achieved.group(1))
+    return {"sent": n_sent, "lost": n_sent - int(stats.get("packets", 0)), "achieved_hz": float(achieved.group(2)),
+            "seconds": sending_s,
+            "cpu": 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / max(sending_s, 1e-9),
             "rcvbuf": rcvbuf, "path": path}
 
 
@@ -209,14 +214,15 @@ def main() -> int:
                       f"small (net.core.rmem_max without root) or packets were dropped; drain figures are less "
                       f"reliable")
         for use_recvmmsg in (True, False):
-            runs = drain_bare(config, args.images, use_recvmmsg, args.repeats)
+            runs = drain_bare(config, args.images, use_recvmmsg, args.repeats, BARE_BATCH)
             median = runs[len(runs) // 2]
-            name = "recvmmsg" if use_recvmmsg else "recv_into"
-            print(f"bare {name} loop, median of {len(runs)}: {median:.0f} packets/s ({gbps(median):.2f} GB/s)")
+            name = f"recvmmsg, batch {BARE_BATCH}" if use_recvmmsg else "recv_into"
+            print(f"bare loop ({name}), median of {len(runs)}: {median:.0f} packets/s ({gbps(median):.2f} GB/s)")
             if use_recvmmsg:
                 bare = median
         best = drain["batch 128"]
-        print(f"ratio drain (recvmmsg, batch 128, median) / bare recvmmsg: {best / bare:.2f}")
+        print(f"ratio drain (recvmmsg, batch 128, median) / bare loop (recvmmsg, batch {BARE_BATCH}, median): "
+              f"{best / bare:.2f}")
         print(f"ratio drain (recvmmsg, batch 128, median) / target 300k packets/s: {best / 300000:.2f}")
         if args.no_live:
             return 0
@@ -224,8 +230,8 @@ def main() -> int:
         lossless, sim_bound = None, False
         for live_rate in live_rates:
             run = live(config_path, live_rate, live_seconds)
-            print(f"live {live_rate:.0f} Hz asked, {run['achieved_hz']:.0f} Hz achieved by the simulator: "
-                  f"{run['sent']} packets sent, {run['lost']} lost, receiver cpu {run['cpu']:.0f} % "
+            print(f"live {live_rate:.0f} Hz asked, {run['achieved_hz']:.0f} Hz achieved by the simulator over "
+                  f"{run['seconds']:.1f} s: {run['sent']} packets sent, {run['lost']} lost, receiver cpu {run['cpu']:.0f} % "
                   f"({run['path']}, receive buffer {run['rcvbuf']})")
             if run["lost"]:
                 break
@@ -237,7 +243,7 @@ def main() -> int:
                 break
         if lossless:
             print(f"highest lossless live rate: {lossless[1]:.0f} Hz achieved ({lossless[1] * PACKETS_PER_IMAGE:.0f} "
-                  f"packets/s; {lossless[0]:.0f} Hz asked) over {live_seconds:g} s"
+                  f"packets/s; {lossless[0]:.0f} Hz asked) over at least {live_seconds:g} s of sending"
                   + (", limited by the simulator" if sim_bound else ""))
         else:
             print("highest lossless live rate: none of those tried")
