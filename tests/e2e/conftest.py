@@ -2,6 +2,10 @@
 std_udp_sim sends real UDP on loopback, writes go through the real RabbitMQ, files are real HDF5."""
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -17,6 +21,7 @@ from tests.conftest import free_tcp_port_block
 from tests.e2e.protocol_client import ProtocolClient
 
 READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0  # a safety limit: every service stops well within its 15 s grace period
 
 
 class Pipeline:
@@ -87,6 +92,89 @@ class Pipeline:
             self.launcher.stop()
             self.launcher = None
         self._log.close()
+
+
+class Output:
+    """A process's output, read line by line in a thread so the pipe never fills."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout_s: float = READY_TIMEOUT_S) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.text())
+            if match:
+                return match
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern!r} in the output:\n{self.text()[-4000:]}")
+
+    def join(self) -> None:
+        self._thread.join(timeout=10)
+
+
+def wait_until_up(config: DetectorConfig, output: Output, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until every service the config runs answers on its metrics endpoint."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        down = [m.label for m in status.scrape(config) if m.values is None]
+        if not down:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"services not answering after {timeout_s} s: {down}\n{output.text()[-6000:]}")
+
+
+class StdDaqUp:
+    """`std-daq up CONFIG` as an operator runs it: the installed console script, a process of its own."""
+
+    def __init__(self, config_path: Path, broker_url: str) -> None:
+        std_daq = shutil.which("std-daq")
+        assert std_daq, "the std-daq console script is not installed (pip install -e .)"
+        self.process = subprocess.Popen([std_daq, "up", str(config_path)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                        env={**os.environ, "STD_DAQ_BROKER_URL": broker_url})
+        self.output = Output(self.process.stdout)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd or an operator's kill sends it; the launcher's exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.output.join()
+        self.process.stdout.close()
+        return code
+
+
+@pytest.fixture
+def std_daq_up(broker_url: str) -> Iterator[Any]:
+    """Starts `std-daq up CONFIG` processes; any still running at the end is stopped with SIGTERM."""
+    started: list[StdDaqUp] = []
+
+    def factory(config_path: Path) -> StdDaqUp:
+        up = StdDaqUp(config_path, broker_url)
+        started.append(up)
+        return up
+
+    yield factory
+    for up in started:
+        if not up.process.stdout.closed:
+            up.stop()
 
 
 def _launcher_label(metrics_label: str) -> str:

@@ -2,17 +2,32 @@
 from __future__ import annotations
 
 import os
+import time
 
 import h5py
 import numpy as np
 import pytest
 
+from std_daq import status
 from tests.conftest import free_tcp_port_block
+from tests.e2e.conftest import wait_until_up
 from tests.e2e.expected import converted_image, raw_image
 
 pytestmark = pytest.mark.broker
 
 RATE_HZ = "50"
+STATS_INTERVAL_S = 0.2  # metrics snapshots this often, so stream_under_way sees the first images soon
+
+
+def stream_under_way(pipe, n_images: int = 3, timeout_s: float = 20.0) -> None:
+    """Start the simulator and wait until the assembler has published a few images. The first images of a
+    stream can leave without a module whose first frame came late (status 3, "start-up offsets" in
+    docs/std_assembler.md); these tests check the pixels of a steady stream, test_faults the statuses."""
+    pipe.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    deadline = time.monotonic() + timeout_s
+    while pipe.metrics().get("std_assembler", {}).get("images", 0) < n_images:
+        assert time.monotonic() < deadline, f"no images from the assembler\n{pipe.log_tail()}"
+        time.sleep(0.1)
 
 
 def read_file(path: str, det: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,9 +52,9 @@ def write(client, config, out_file: str, n_images: int, timeout_s: float = 60.0)
 
 
 def test_jungfrau_two_modules_file_equals_the_simulated_pattern(pipeline_config, pipelines, client, tmp_path):
-    path, config = pipeline_config(n_modules=2, image_pixel_height=1024)
+    path, config = pipeline_config(n_modules=2, image_pixel_height=1024, stats_interval_s=STATS_INTERVAL_S)
     pipe = pipelines(path, config)
-    pipe.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    stream_under_way(pipe)
     out_file = str(tmp_path / "out" / "jf.h5")
     outcome = write(client, config, out_file, 20)
     assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
@@ -78,9 +93,9 @@ def test_jungfrau_two_modules_converted_file_equals_the_pattern_converted_bit_fo
     path, config = pipeline_config(n_modules=2, image_pixel_height=1100, image_pixel_width=1030,
                                    module_positions={"0": [0, 0, 1023, 511], "1": [1029, 1099, 6, 588]},
                                    conversion="converted", calibration_file=str(tmp_path / "calibration.h5"),
-                                   image_buffer_slots=32)
+                                   image_buffer_slots=32, stats_interval_s=STATS_INTERVAL_S)
     pipe = pipelines(path, config)
-    pipe.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    stream_under_way(pipe)
     out_file = str(tmp_path / "out" / "jf-converted.h5")
     outcome = write(client, config, out_file, 10)
     assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
@@ -102,9 +117,10 @@ def test_jungfrau_two_modules_converted_file_equals_the_pattern_converted_bit_fo
 def test_eiger_two_half_modules_file_equals_the_simulated_pattern(pipeline_config, pipelines, client, tmp_path):
     path, config = pipeline_config(detector_type="eiger", n_modules=2, bit_depth=16, image_pixel_height=514,
                                    image_pixel_width=514,
-                                   module_positions={"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]})
+                                   module_positions={"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]},
+                                   stats_interval_s=STATS_INTERVAL_S)
     pipe = pipelines(path, config)
-    pipe.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    stream_under_way(pipe)
     out_file = str(tmp_path / "out" / "eiger.h5")
     outcome = write(client, config, out_file, 10)
     assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
@@ -114,24 +130,34 @@ def test_eiger_two_half_modules_file_equals_the_simulated_pattern(pipeline_confi
     assert_images_equal_pattern(config, data, ids)
 
 
-def test_a_write_on_the_replica_server_equals_the_originals(pipeline_config, pipelines, client, tmp_path):
-    """Detector server: the pipeline plus std_stream_send. "Other server": std_stream_recv, writer_agent and
-    std_h5_writer in their own namespace (own shared memory and ipc names), as on a second machine; the
-    launcher picks those services itself from the replica's config (stream_recv.bind), as `std-daq up` does."""
+def test_a_write_on_the_replica_server_equals_the_originals(pipeline_config, pipelines, std_daq_up, client,
+                                                            tmp_path):
+    """Detector server: the pipeline plus std_stream_send. "Other server": `std-daq up` with the replica's
+    config (stream_recv.bind), which runs std_stream_recv, writer_agent and std_h5_writer in their own
+    namespace (own shared memory and ipc names), as on a second machine."""
     port = free_tcp_port_block(1)
     path, config = pipeline_config(n_modules=2, image_pixel_height=1024,
-                                   stream_send={"to": f"tcp://127.0.0.1:{port}"})
+                                   stream_send={"to": f"tcp://127.0.0.1:{port}"}, stats_interval_s=STATS_INTERVAL_S)
     replica_path, replica = pipeline_config(n_modules=2, image_pixel_height=1024, namespace="replica",
                                             stream_recv={"bind": f"tcp://127.0.0.1:{port}"},
                                             writer_agent={"tag": config.detector_name + "-replica"})
-    replica_side = pipelines(replica_path, replica)
-    assert [c.spec.label for c in replica_side.launcher.children] == ["stream_recv", "writer_agent", "h5_writer"]
+    replica_side = std_daq_up(replica_path)
+    replica_side.output.wait_for(rf"\(replica server: images from std_stream_send on tcp://127\.0\.0\.1:{port}\): "
+                                 "3 services")
+    wait_until_up(replica, replica_side.output)
+    assert [m.label for m in status.scrape(replica)] == ["std_stream_recv", "writer_agent", "std_h5_writer"]
     detector_side = pipelines(path, config)
-    detector_side.simulate("--rate", RATE_HZ, "--n-images", "forever")
+    stream_under_way(detector_side)
     out_file = str(tmp_path / "out" / "replica.h5")
     request_id = client.send_write(config.detector_name + "-replica", {"output_file": out_file, "n_images": 15})
     outcome = client.wait(request_id, timeout_s=60)
-    assert outcome.succeeded, f"{outcome}\n{replica_side.log_tail()}\n{detector_side.log_tail()}"
+    assert outcome.succeeded, f"{outcome}\n{replica_side.output.text()[-4000:]}\n{detector_side.log_tail()}"
     data, ids, statuses = read_file(out_file, config.detector_name)
     assert data.shape == (15, 1024, 1024) and not statuses.any()
     assert_images_equal_pattern(config, data, ids)
+    assert replica_side.stop() == 0
+    text = replica_side.output.text()
+    stops = [text.index(f"stopped {label} (exit code 0)") for label in ("stream_recv", "writer_agent", "h5_writer")]
+    assert stops == sorted(stops), text  # the replica's producer first
+    assert "started udp_recv" not in text and "started assembler" not in text
+    assert f"removed shared memory: replica-{config.detector_name}-images" in text

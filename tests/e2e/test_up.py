@@ -3,11 +3,8 @@ killed under it in the middle of a write while the simulator sends, then SIGTERM
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,51 +17,8 @@ from core_buffer.ringbuffer import SHM_DIR
 from std_daq import status
 from std_daq.launcher import console_script
 from tests.conftest import free_tcp_port_block
+from tests.e2e.conftest import READY_TIMEOUT_S, wait_until_up
 from tests.e2e.expected import raw_image
-
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 60.0  # a safety limit: every service stops well within its 15 s grace period
-
-
-class Output:
-    """The launcher's output, read line by line in a thread so the pipe never fills."""
-
-    def __init__(self, stream) -> None:
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
-
-    def text(self) -> str:
-        with self._lock:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout_s: float = READY_TIMEOUT_S) -> re.Match:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.text())
-            if match:
-                return match
-            time.sleep(0.1)
-        raise AssertionError(f"no {pattern!r} in the launcher's output:\n{self.text()[-4000:]}")
-
-    def join(self) -> None:
-        self._thread.join(timeout=10)
-
-
-def wait_until_up(config, output: Output, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        down = [m.label for m in status.scrape(config) if m.values is None]
-        if not down:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"services not answering after {timeout_s} s: {down}\n{output.text()[-6000:]}")
 
 
 def assembler_metric(config, name: str) -> float | None:
@@ -73,18 +27,15 @@ def assembler_metric(config, name: str) -> float | None:
 
 @pytest.mark.broker
 def test_up_restarts_the_assembler_killed_mid_write_the_run_recovers_and_sigterm_stops_everything(
-        make_config, broker_url, client, tmp_path):
+        make_config, std_daq_up, client, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     config_path, config = make_config(output_dirs=[str(out)], frame_buffer_slots=64, image_buffer_slots=128,
                                       writer={"status_interval_s": 0.2},
                                       metrics={"host": "127.0.0.1", "base_port": free_tcp_port_block(12)})
     segments = [Path(SHM_DIR) / f"{config.namespace}-{config.detector_name}-{kind}" for kind in ("frames", "images")]
-    std_daq = shutil.which("std-daq")
-    assert std_daq, "the std-daq console script is not installed (pip install -e .)"
-    up = subprocess.Popen([std_daq, "up", str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL, text=True, env={**os.environ, "STD_DAQ_BROKER_URL": broker_url})
-    output = Output(up.stdout)
+    up = std_daq_up(config_path)
+    output = up.output
     sim = None
     try:
         wait_until_up(config, output)
@@ -119,13 +70,11 @@ def test_up_restarts_the_assembler_killed_mid_write_the_run_recovers_and_sigterm
         for i in after:
             assert statuses[i] == 0 and np.array_equal(data[i], raw_image(config, int(ids[i]))), int(ids[i])
 
-        children = psutil.Process(up.pid).children(recursive=True)
+        children = psutil.Process(up.process.pid).children(recursive=True)
         assert {restarted} <= {c.pid for c in children}
         assert len(children) == 4  # udp_recv-0, assembler, writer_agent, h5_writer
 
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=STOP_TIMEOUT_S) == 0
-        output.join()
+        assert up.stop() == 0  # SIGTERM
         gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, f"services left running: {[p.pid for p in alive]}"
         assert not any(seg.exists() for seg in segments)
@@ -138,49 +87,3 @@ def test_up_restarts_the_assembler_killed_mid_write_the_run_recovers_and_sigterm
         if sim is not None:
             sim.terminate()
             sim.wait(timeout=10)
-        if up.poll() is None:  # the test failed before the stop: still stop cleanly, then make sure
-            up.terminate()
-            try:
-                up.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait()
-        up.stdout.close()
-
-
-@pytest.mark.broker
-def test_up_with_a_replica_config_runs_the_replica_servers_services(make_config, broker_url, tmp_path):
-    """A config with stream_recv.bind describes a replica server: `std-daq up` runs std_stream_recv in place
-    of the receivers and the assembler (the data through them: test_pipeline's replica test)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    config_path, config = make_config(output_dirs=[str(out)], image_buffer_slots=16, namespace="replica",
-                                      stream_recv={"bind": f"tcp://127.0.0.1:{free_tcp_port_block(1)}"},
-                                      metrics={"host": "127.0.0.1", "base_port": free_tcp_port_block(12)})
-    segment = Path(SHM_DIR) / f"replica-{config.detector_name}-images"
-    up = subprocess.Popen([shutil.which("std-daq"), "up", str(config_path)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                          env={**os.environ, "STD_DAQ_BROKER_URL": broker_url})
-    output = Output(up.stdout)
-    try:
-        output.wait_for(r"\(replica server: images from std_stream_send on tcp://127\.0\.0\.1:\d+\): 3 services")
-        wait_until_up(config, output)  # std_stream_recv, writer_agent, std_h5_writer answer
-        assert [m.label for m in status.scrape(config)] == ["std_stream_recv", "writer_agent", "std_h5_writer"]
-        assert segment.exists()
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=STOP_TIMEOUT_S) == 0
-        output.join()
-        text = output.text()
-        stops = [text.index(f"stopped {label} (exit code 0)") for label in ("stream_recv", "writer_agent", "h5_writer")]
-        assert stops == sorted(stops), text
-        assert "udp_recv" not in text and "started assembler" not in text
-        assert not segment.exists()
-    finally:
-        if up.poll() is None:
-            up.terminate()
-            try:
-                up.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait()
-        up.stdout.close()
