@@ -372,7 +372,7 @@ def _run_demo(config_path: str, config: DetectorConfig, root: Path, n_images: in
             say(f"  these services did not come up: {', '.join(down)}; the end of {log_path}, "
                 "statistics lines left out:")
             lines = [line for line in log_path.read_text(errors="replace").splitlines()
-                     if " INFO: stats " not in line and not re.match(r"\[[\w-]+\] std_daq_\w+,", line)]
+                     if " INFO: stats " not in line and not re.match(r"\[[\w-]+\] std_\w+,detector_name=", line)]
             for line in lines[-20:]:
                 say(f"    {line}")
             return 1
