@@ -72,8 +72,11 @@ class ImageTally:
     Ids of Jungfrau, Eiger and Gigafrost are frame counters, consecutive within a run of the detector, and
     std_assembler publishes a run's ids in rising order; so a step of more than one is images the detector
     counted that the file does not hold (they never reached the ImageBuffer: a receiver or the assembler
-    restarting; or the detector skipped them). A step to an id not above the previous one is not a skip:
-    the detector restarted (its counter began again) or an id repeated; it is counted in
+    restarting; or the detector skipped them). Images the agent itself lost are not among those skips,
+    since they are reported apart: `add` takes the number of images it missed just before this one
+    (sequence gaps), which are taken off the step, and `passed` notes the id of an image it could not
+    hand to std_h5_writer (images_dropped) without counting it. A step to an id not above the previous
+    one is not a skip: the detector restarted (its counter began again) or an id repeated; it is counted in
     `image_id_backward_jumps`, and counting goes on from the new id. `add` is the agent's per-image path:
     two list increments and an integer comparison.
 
@@ -88,20 +91,30 @@ class ImageTally:
         self.gaps = self.skipped = self.backward = 0
         self.totals = totals
 
-    def add(self, image_id: int, status: int) -> None:
+    def add(self, image_id: int, status: int, missed: int = 0) -> None:
+        """An image forwarded; `missed`: how many images the agent missed right before it (a sequence gap)."""
         i = status if status < len(STATUS_FIELDS) else -1
         self.statuses[i] += 1
         if self.totals is not None:
             self.totals.statuses[i] += 1
         last, self.last_id = self.last_id, image_id
         if last is not None and image_id != last + 1:
-            self._jump(image_id - last)
+            self._jump(image_id - last, missed)
 
-    def _jump(self, step: int) -> None:
+    def passed(self, image_id: int) -> None:
+        """An image that reached the agent and was not forwarded (counted in images_dropped): the next
+        step is measured from it, so it is no skip of the detector's."""
+        self.last_id = image_id
+
+    def _jump(self, step: int, missed: int) -> None:
+        if step > 1:
+            skipped = step - 1 - missed  # the ids the agent's own misses do not explain
+            if skipped <= 0:
+                return
         for tally in (self, self.totals) if self.totals is not None else (self,):
             if step > 1:
                 tally.gaps += 1
-                tally.skipped += step - 1
+                tally.skipped += skipped
             else:
                 tally.backward += 1
 
@@ -477,6 +490,7 @@ class WriterAgent:
             except FormatError:
                 self.counters.bad_messages += 1
                 continue
+            gap = 0
             if job.last_sequence is not None and meta.user_1 > job.last_sequence + 1:
                 gap = meta.user_1 - job.last_sequence - 1
                 job.gaps += gap
@@ -489,9 +503,10 @@ class WriterAgent:
             except zmq.Again:  # the writer is gone (or its queue is full): its silence ends the request
                 job.dropped += 1
                 self.counters.images_dropped += 1
+                job.tally.passed(meta.id)  # reported as dropped; no skip of the detector's
                 continue
             job.forwarded += 1
-            job.tally.add(meta.id, meta.status)
+            job.tally.add(meta.id, meta.status, gap)  # the ids of the images missed are not skips either
             self.counters.images_forwarded += 1
             if job.forwarded == r.n_images:
                 self._send_stop(job)

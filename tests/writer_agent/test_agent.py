@@ -56,7 +56,12 @@ def test_sequence_gaps_reaching_the_agent_are_counted_and_reported(rig):
     r = rig(skip_sequence_every=10)
     result = r.client.write(str(r.out / "gaps.h5"), 30, tag=r.tag, timeout_s=30)
     assert result.ok, result.message
-    assert 2 <= result.summary["sequence_gaps"] <= 4
+    summary = result.summary
+    assert 2 <= summary["sequence_gaps"] <= 4
+    # The producer skips sequence numbers, not image ids: the file's ids are consecutive, so no image id
+    # is skipped, and the warning names the agent's misses, not images that never reached the ImageBuffer.
+    assert (summary["image_id_gaps"], summary["image_ids_skipped"]) == (0, 0), summary
+    assert summary["warning"] == f"{summary['sequence_gaps']} images missed by writer_agent (sequence gaps)"
 
 
 BAD_REQUESTS = [

@@ -90,7 +90,7 @@ def test_skipped_ids_and_incomplete_images_are_counted_exactly_and_the_success_w
         [s["images_good"], s["images_missing_packets"], s["images_mismatch"], s["images_missing_module"]]
 
 
-def test_a_detector_restart_is_a_backward_jump_not_a_skip_and_the_agent_statistics_add_up(rig):
+def test_backward_jumps_and_the_agents_own_misses_are_not_skips_and_the_statistics_add_up(rig):
     r = rig(rate_hz=0)
     # a detector restart: its frame counter begins again at 1 (a new std_assembler run, same sequence)
     script = [(40, 0, 1), (41, 0, 2), (42, 1, 3), (1, 0, 4), (2, 0, 5), (3, 0, 6)]
@@ -110,6 +110,15 @@ def test_a_detector_restart_is_a_backward_jump_not_a_skip_and_the_agent_statisti
     stats = agent_statistics(r)
     assert (stats["images_good"], stats["images_missing_packets"], stats["image_id_gaps"],
             stats["image_ids_skipped"], stats["image_id_backward_jumps"]) == (10, 1, 0, 0, 1), stats
+    # ids 32 and 33 are missed by the agent (sequence numbers 12 and 13 never reach it): counted as sequence
+    # gaps only; 35..39 are skipped by the detector's side (the sequence goes on by one): counted as skipped
+    missed = [(30, 0, 10), (31, 0, 11), (34, 0, 14), (40, 0, 15), (41, 0, 16)]
+    _, result = scripted_write(r, "missed.h5", missed)
+    assert result.ok, result.message + r.logs()
+    s = result.summary
+    assert (s["sequence_gaps"], s["image_id_gaps"], s["image_ids_skipped"]) == (2, 1, 5), s
+    assert s["warning"] == ("5 image ids skipped in 1 gap (images the detector counted that never reached the "
+                            "ImageBuffer, or that it skipped); 2 images missed by writer_agent (sequence gaps)")
 
 
 def test_progress_reports_carry_the_counts_so_far_and_a_kill_names_them(rig):

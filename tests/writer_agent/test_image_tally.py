@@ -48,3 +48,17 @@ def test_the_agents_totals_add_up_the_requests_but_not_the_jump_between_them():
     counts = totals.counts()
     assert (counts["images_good"], counts["images_incomplete"], counts["image_id_gaps"],
             counts["image_ids_skipped"], counts["image_id_backward_jumps"]) == (3, 2, 1, 7, 0)
+
+
+def test_ids_of_images_the_agent_missed_or_dropped_are_not_counted_as_skipped():
+    # The agent's own losses are reported apart (sequence_gaps, images_dropped), not as the detector's.
+    tally = ImageTally()
+    tally.add(1, 0)
+    tally.add(4, 0, missed=2)  # 2 and 3 missed by the agent (a sequence gap of 2): no skip
+    tally.passed(5)  # 5 reached the agent and could not be handed to the writer: no skip
+    tally.add(6, 0)
+    tally.add(10, 0, missed=1)  # one of 7..9 missed by the agent: 2 ids skipped besides
+    tally.add(11, 0, missed=3)  # more missed than the step explains (a sequence from elsewhere): no skip
+    tally.add(5, 0, missed=1)  # a backward step stays one, whatever was missed
+    counts = tally.counts()
+    assert (counts["image_id_gaps"], counts["image_ids_skipped"], counts["image_id_backward_jumps"]) == (1, 2, 1)
