@@ -8,6 +8,11 @@ behind the newest id of the run (the FrameBuffer slot of its id has been reused:
 overwritten), or when more than `max_pending` images wait (the oldest goes first). A silent module
 therefore delays images by at most the timeout and never stops the pipeline.
 
+Images leave in rising id order within a run, whatever releases them: before an image is released,
+every image with a smaller id still waiting is released (incomplete, reason "in_order"), and a frame that
+would open a new image just below the last released id (within `restart_jump`) is late. Ids go down only
+at a detector restart, or after a far-future id (a glitch) was released.
+
 The last two rules are applied by `release_overdue`, which the caller runs after each *read round* (a
 few frames from every module's stream), never in the middle of one: a backlog read one module ahead of
 the others must not look like the others falling behind.
@@ -101,6 +106,8 @@ class Synchronizer:
         self.max_pending = max_pending
         self.restart_jump = restart_jump
         self.pending: dict[int, PendingImage] = {}  # insertion order = first_seen order
+        self._pending_ids: list[int] = []  # min-heap of the pending ids (lazy: released ids popped later)
+        self._last_released: int | None = None  # the run's latest release: output is rising from it
         self.last_id: list[int | None] = [None] * n_modules
         self.last_seen: list[float | None] = [None] * n_modules
         self.released = ReleasedIds()
@@ -164,7 +171,9 @@ class Synchronizer:
             if now - pending.first_seen < self.timeout_s:
                 break
             expired.append(pending)
-        out += [self._release(p, "timeout") for p in sorted(expired, key=lambda p: p.image_id)]
+        for p in sorted(expired, key=lambda p: p.image_id):
+            if p.image_id in self.pending:  # (not released already, before a bigger expired one)
+                out += self._release(p, "timeout")
         return out
 
     def release_overdue(self) -> list[ReadyImage]:
@@ -177,11 +186,11 @@ class Synchronizer:
                           if last is not None and m not in self._restarted), default=None)
             overwritten_below = -1 if newest is None else newest - self.restart_jump
             if len(self.pending) > self.max_pending or min(self.pending) <= overwritten_below:
-                for image_id in sorted(self.pending):
+                for image_id in sorted(self.pending):  # smallest first: nothing smaller is still waiting
                     if image_id <= overwritten_below:
-                        out.append(self._release(self.pending[image_id], "overwritten"))
+                        out += self._release(self.pending[image_id], "overwritten")
                     elif len(self.pending) > self.max_pending:
-                        out.append(self._release(self.pending[image_id], "overflow"))
+                        out += self._release(self.pending[image_id], "overflow")
                     else:
                         break
         while len(self._next_run) > self.max_pending:
@@ -202,17 +211,19 @@ class Synchronizer:
         self.last_id[m] = image_id
         pending = self.pending.get(image_id)
         if pending is None:
-            if image_id in self.released or (m in self._detached and self.released.below_all(image_id)):
+            if image_id in self.released or (m in self._detached and self.released.below_all(image_id)) \
+                    or self._behind_output(image_id):
                 self.late_frames += 1  # (an out-of-step module rejoins only where its ids meet the run's)
                 return []
             pending = self.pending[image_id] = PendingImage(image_id, now)
+            heapq.heappush(self._pending_ids, image_id)
         self._detached.discard(m)
         pending.frames[m] = frame
         out = []
         if len(pending.frames) == self.n_modules:
-            out.append(self._release(pending, "complete"))
+            out += self._release(pending, "complete")
         elif all(self._passed(j, image_id) for j in range(self.n_modules) if j not in pending.frames):
-            out.append(self._release(pending, "moved_past"))  # m lags: the others are past this id already
+            out += self._release(pending, "moved_past")  # m lags: the others are past this id already
         if last is None or image_id - last > 1:  # m passed the ids in between: images may stop waiting
             out += self._release_moved_past(lambda i: last is None or i > last, image_id)
         if len(out) > 1:
@@ -230,13 +241,36 @@ class Synchronizer:
         ready = []
         for image_id in sorted(i for i in self.pending if i < below and after(i)):
             pending = self.pending[image_id]
-            if all(self._passed(m, image_id) for m in range(self.n_modules) if m not in pending.frames):
-                ready.append(self._release(pending, "moved_past"))
+            pending = self.pending.get(image_id)  # (None: released already, before a bigger one)
+            if pending is not None and all(self._passed(m, image_id) for m in range(self.n_modules)
+                                           if m not in pending.frames):
+                ready += self._release(pending, "moved_past")
         return ready
 
-    def _release(self, pending: PendingImage, reason: str) -> ReadyImage:
+    def _behind_output(self, image_id: int) -> bool:
+        """A new image `image_id` could not be published in id order: the run released a bigger id
+        already. Within `restart_jump` of it that is a late frame; further below it is no frame of the
+        images in flight (a far-future id, a glitch, was released before): accepted, a backward step."""
+        last = self._last_released
+        return last is not None and last - self.restart_jump <= image_id < last
+
+    def _release(self, pending: PendingImage, reason: str) -> list[ReadyImage]:
+        """Release `pending`, and before it, in id order, every image with a smaller id still waiting
+        (reason "in_order"): a run's images leave in rising id order, whatever released them."""
+        out = []
+        heap, image_id = self._pending_ids, pending.image_id
+        while heap and heap[0] <= image_id:
+            smaller = heapq.heappop(heap)
+            older = self.pending.get(smaller)
+            if older is not None and smaller != image_id:
+                out.append(self._release_one(older, "in_order"))
+        out.append(self._release_one(pending, reason))
+        return out
+
+    def _release_one(self, pending: PendingImage, reason: str) -> ReadyImage:
         del self.pending[pending.image_id]
         self.released.add(pending.image_id)
+        self._last_released = pending.image_id
         missing = [m for m in range(self.n_modules) if m not in pending.frames]
         return ReadyImage(pending.image_id, pending.frames, missing, reason)
 
@@ -287,18 +321,20 @@ class Synchronizer:
                 if b - a > 1:
                     self.id_gaps += 1
                     self.skipped_ids += b - a - 1
-        out = [self._release(self.pending[i], "restart") for i in sorted(self.pending)]
+        out = [self._release_one(self.pending[i], "restart") for i in sorted(self.pending)]
         self.released.clear()
+        self._last_released = None  # the new run's ids start afresh (a backward step: the restart)
         self.last_id = [self._restarted.get(m) for m in range(self.n_modules)]
         self._backward = [[] for _ in range(self.n_modules)]
         self._detached.clear()
         self.pending = dict(sorted(self._next_run.items(), key=lambda item: item[1].first_seen))
+        self._pending_ids = sorted(self.pending)  # (a sorted list is a heap)
         self._next_run = {}
         self._restarted = {}
         for image_id in sorted(self.pending):
             held = self.pending[image_id]
             if len(held.frames) == self.n_modules:
-                out.append(self._release(held, "complete"))
+                out += self._release(held, "complete")
         out += self._release_moved_past(lambda i: True, float("inf"))
         return out
 

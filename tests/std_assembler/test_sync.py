@@ -251,3 +251,49 @@ def test_one_far_future_id_never_raises_the_floor_over_the_ids_in_use():
     for i in range(100):
         released.add(i)
     assert released.floor == 96 and 99 in released and 100 not in released and 10**9 in released
+
+
+def _assert_in_order_once(f, expected_ids):
+    ids = [i for i, _ in f.released()]
+    assert ids == sorted(ids), f"published out of id order: {ids}"
+    assert len(ids) == len(set(ids)), f"an id was published twice: {ids}"
+    assert set(ids) == set(expected_ids), f"lost: {set(expected_ids) - set(ids)}"
+
+
+def test_timeouts_release_in_id_order_when_an_older_image_was_first_seen_later():
+    # The reviewer's case: module 0 skips 50..59 and sends 60, module 1 sends 50 later, module 2 is
+    # silent. 60 times out first; 50 (first seen later) must leave before it, not after.
+    f = Feed(n_modules=3)
+    f.frame(0, 60)
+    f.wait(TIMEOUT / 2)
+    f.frame(1, 50)
+    f.wait(TIMEOUT / 2)  # 60 has waited the timeout, 50 only half of it
+    assert f.released() == [(50, (0, 2)), (60, (1, 2))]
+    assert [r.reason for r in f.out] == ["in_order", "timeout"]
+    # Module 1 goes on with 51..: below the published 60, those images could only be published out of
+    # order: late, not reopened. From 61 on the images are in step again.
+    for i in range(51, 64):
+        f.frame(1, i)
+    for i in range(61, 64):
+        f.frame(0, i)
+    f.wait(2 * TIMEOUT)
+    assert f.sync.late_frames == 10  # module 1's 51..60
+    assert f.released()[2:] == [(i, (2,)) for i in range(61, 64)]
+    _assert_in_order_once(f, [50, 60, 61, 62, 63])
+    assert f.sync.pending == {} and f.sync.detector_restarts == 0
+
+
+def test_every_release_rule_publishes_a_run_in_rising_id_order():
+    # The limits on waiting images and complete images release the older images still waiting first.
+    f = Feed(n_modules=3, max_pending=4)
+    f.frame(0, 10)
+    f.wait(TIMEOUT / 2)
+    f.frame(1, 5)  # first seen after 10, smaller id
+    f.image(11, modules=(0, 1, 2))  # complete: 5 and 10 (module 2 moved past them) leave first
+    assert [i for i, _ in f.released()] == [5, 10, 11]
+    f.frame(0, 20)
+    f.wait(TIMEOUT / 2)
+    for i in (12, 13, 14, 15):  # overflow: the oldest by id goes first, 20 after the smaller ones
+        f.frame(1, i)
+    f.wait(2 * TIMEOUT)
+    _assert_in_order_once(f, [5, 10, 11, 12, 13, 14, 15, 20])
