@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import time
@@ -47,6 +48,7 @@ STATUS_NOT_WRITTEN = 0xFFFF
 STATUS_CODES = ("0 good, 1 missing packets, 2 id mismatch, 3 missing module, 4 lost in the buffer (pixels not "
                 "written), 5 rejected: not an image of this file (pixels not written), 65535 not written")
 NX = "NX_class"
+log = logging.getLogger("std_h5_writer")
 
 # Uncompressed chunks start on 1 MiB boundaries. Measured on ext4 (kernel 6.18): a 1 MiB pwrite at an
 # offset that is not a multiple of 1 MiB costs ~10% more than an aligned one (the page cache then cannot
@@ -58,9 +60,19 @@ NX = "NX_class"
 # to contiguous ones (measured: 232 against 228 us); with 1 MiB blocks the chunks are contiguous.
 CHUNK_ALIGNMENT = 1 << 20
 
-# Files HDF5 failed to close (a metadata write failed: file too large, disk full): h5py would crash the
-# process finalising them, so they are kept, unreachable, for good (see also writer.UNCLOSABLE_FILES).
+# Files HDF5 failed to close (a metadata write failed: file too large, disk full). HDF5 (2.0) tears the
+# file down all the same, descriptor included (so an unlinked file's blocks are freed: asserted in
+# tests/std_h5_writer), but leaves the failed file's ID behind: h5py would call HDF5's close on it again
+# when it finalises the object, so the h5py File (only it: ~1.4 KB, measured) is kept here, for good.
+# Each one is logged with the count, so a writer that keeps collecting them is seen.
 _UNCLOSABLE: list = []
+
+
+def keep_unclosable(f: h5py.File, path: str, error: BaseException) -> None:
+    """Keep `f`, which HDF5 failed to close, from being finalised (above), and log it."""
+    _UNCLOSABLE.append(f)
+    log.warning("HDF5 could not close %s (%s); its descriptor is released, its HDF5 handle kept (%d so far)",
+                path, error, len(_UNCLOSABLE))
 
 # Pixel pitch in metres, for the NXdetector (a detector type not listed gets none).
 PIXEL_SIZE_M = {"jungfrau": 75e-6, "eiger": 75e-6, "gigafrost": 11e-6}
@@ -214,8 +226,8 @@ class OutputFile:
         except BaseException:
             try:
                 self.file.close()
-            except Exception:  # noqa: BLE001 - a metadata write failed (EFBIG, ENOSPC): HDF5 cannot close it
-                _UNCLOSABLE.append(self.file)
+            except Exception as exc:  # noqa: BLE001 - a metadata write failed (EFBIG, ENOSPC): HDF5 cannot close it
+                keep_unclosable(self.file, path, exc)
             os.unlink(path)
             raise
         self.n_slots = 0  # rows accounted for (written, lost or rejected): the length the file is trimmed to
@@ -472,17 +484,17 @@ def mark_interrupted(path: str, output_dirs: Iterable[str], request: dict, note:
     try:
         result = _mark(f, path, request, note, last_write)
     except BaseException:
-        _close_or_keep(f)
+        _close_or_keep(f, path)
         raise
-    _close_or_keep(f)
+    _close_or_keep(f, path)
     return result
 
 
-def _close_or_keep(f: h5py.File) -> None:
+def _close_or_keep(f: h5py.File, path: str) -> None:
     try:
         f.close()
-    except BaseException:
-        _UNCLOSABLE.append(f)
+    except BaseException as exc:
+        keep_unclosable(f, path, exc)
         raise
 
 

@@ -43,13 +43,12 @@ from core_buffer.output import OutputPathError, resolve_output_path
 from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import Counters
 from std_h5_writer.compression import Bitshuffle, CompressionUnavailable, check_chunk_header
-from std_h5_writer.h5file import PREALLOCATE_MAX_IMAGES, STATUS_LOST, STATUS_REJECTED, OutputFile
+from std_h5_writer.h5file import PREALLOCATE_MAX_IMAGES, STATUS_LOST, STATUS_REJECTED, OutputFile, keep_unclosable
 from std_h5_writer.open_files import OpenFileRecords
 
 log = logging.getLogger("std_h5_writer")
 
 HWM = 100000
-UNCLOSABLE_FILES: list = []  # OutputFiles HDF5 failed to close; see _finish
 UNSENT_STATUSES_MAX = 1000
 COMPRESSIONS = ("none", "bitshuffle-lz4")
 # Uncompressed writes queued at most before they are done (_write_queued): the bookkeeping of a batch
@@ -579,11 +578,12 @@ class H5Writer:
                 error = error or f"closing {run.output_file} failed: {exc}"
                 try:
                     run.file.file.close()
-                except Exception:  # noqa: BLE001 - the file is beyond saving; the status says so
-                    # HDF5 could not close it (a write failed inside its metadata): h5py would crash the
-                    # process when it finalises these objects, so they are kept, unreachable, for good.
-                    # Its record stays: the next writer tries to mark it interrupted.
-                    UNCLOSABLE_FILES.append(run.file)
+                except Exception as close_exc:  # noqa: BLE001 - the file is beyond saving; the status says so
+                    # HDF5 could not close it (a write failed inside its metadata): its descriptor is
+                    # released, the h5py File kept (h5file.keep_unclosable); not the OutputFile, whose
+                    # per-image columns can be tens of MB. Its record stays: the next writer tries to
+                    # mark it interrupted.
+                    keep_unclosable(run.file.file, run.output_file, close_exc)
                     closed = False
             if closed:
                 self.records.forget(run.record)

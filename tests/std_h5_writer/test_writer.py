@@ -327,6 +327,51 @@ def test_a_preallocated_run_larger_than_the_file_size_limit_is_refused_at_its_st
     assert proc.returncode == 0
 
 
+def _fds(pid, directory):
+    """The process's open descriptors: (count, those of files in `directory` that are deleted)."""
+    targets = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except FileNotFoundError:  # closed while listed
+            pass
+    return len(targets), [t for t in targets if t.startswith(str(directory)) and t.endswith("(deleted)")]
+
+
+def test_repeated_oversize_preallocated_runs_refused_at_start_hold_no_descriptors_or_disk_space(make_config,
+                                                                                                 tmp_path):
+    # HDF5 fails to close such a file (its flush fails with EFBIG) and the h5py File is kept (h5file.
+    # keep_unclosable); the file is unlinked. Neither its descriptor nor its blocks may stay held, and
+    # every kept handle is logged with the running count.
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)])
+    agent = Agent(config)
+    proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limit_file_size)
+    try:
+        def refuse(run_id):
+            agent.start(tmp_path / f"big-{run_id}.h5", 10, run_id=run_id)  # 10 MiB against a 3 MiB limit
+            refused = agent.wait(timeout_s=20, run_id=run_id)
+            assert refused.state == WriterState.FAILED and "File too large" in refused.error, refused.error
+
+        refuse(1)
+        before, _ = _fds(proc.pid, tmp_path)
+        for run_id in range(2, 22):
+            refuse(run_id)
+        after, deleted = _fds(proc.pid, tmp_path)
+        print(f"descriptors: {before} after 1 refused run, {after} after 21")
+        assert deleted == [], deleted
+        assert after <= before, f"{after - before} descriptors more after 20 refused runs"
+        assert not list(tmp_path.glob("big-*.h5"))
+        write_run(agent, tmp_path / "next.h5", [5], run_id=30)
+        assert agent.wait(run_id=30, timeout_s=20).state == WriterState.FINISHED
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+        agent.close()
+    assert proc.returncode == 0
+    assert "HDF5 could not close" in stderr and "(21 so far)" in stderr, stderr[-2000:]
+
+
 def test_user_id_sets_the_owner_when_running_as_root(writer_rig, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root")
