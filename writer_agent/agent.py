@@ -56,6 +56,7 @@ INTAKE_GRACE_S = 2.0  # on SIGTERM, how long to wait for the link to hand over t
 # the statuses of the running one are the only sign that the agent is alive and busy (std_daq.client's
 # RequestNotTaken waits START_TIMEOUT_S = 5 s for one).
 BUSY_REPORT_S = 1.0
+WRITER_SILENT_MIN_S = 2.0  # see AgentSettings.writer_silent_s
 START_RETRY_S = 0.02  # how often a start that std_h5_writer has not taken is sent again
 MAX_QUEUED_PROGRESS = 1000  # in a long broker outage, progress reports beyond this many waiting are dropped
 # ImageMetadata.status 0..3 (design document §4), counted under the names std_assembler's counters use;
@@ -156,6 +157,11 @@ class AgentSettings:
         self.image_timeout_s = section.float("image_timeout_s", 0.0, min=0.0)
         self.reconnect_max_s = section.float("reconnect_max_s", 10.0, min=0.1, max=600.0)
         section.finish()
+        # Progress reports say the agent waits for std_h5_writer once it has sent no status for this long:
+        # two of its status intervals (std_h5_writer's default is 1 s), and at least WRITER_SILENT_MIN_S,
+        # so that a status a little late in normal running is not flagged.
+        writer_interval_s = config.section("writer").float("status_interval_s", 1.0, min=0.05, max=3600.0)
+        self.writer_silent_s = max(2 * writer_interval_s, WRITER_SILENT_MIN_S)
 
 
 class Job:
@@ -450,11 +456,11 @@ class WriterAgent:
                            f"{job.request.n_images}; the write was stopped (is the detector sending?)")
             self._send_stop(job)
         if self.job is job and now - job.last_report >= BUSY_REPORT_S:
-            self._report_progress(job, now - job.last_writer_news >= BUSY_REPORT_S)
+            self._report_progress(job, now - job.last_writer_news >= self.settings.writer_silent_s)
 
     def _report_progress(self, job: Job, writer_silent: bool = False) -> None:
         """request_progress with the writer's last counts; `writer_silent` adds that the agent is waiting
-        for std_h5_writer (not connected yet, or no status from it for a while)."""
+        for std_h5_writer (not connected yet, or no status from it for writer_silent_s)."""
         job.last_report = time.monotonic()
         t = job.tally
         report = {"n_written": job.n_written, "n_lost": job.n_lost, "n_forwarded": job.forwarded,
@@ -629,6 +635,11 @@ class WriterAgent:
         while self.waiting:
             self._refuse_stopping(self.waiting.popleft())
         self.link.flush(FLUSH_GRACE_S)
+        # A request that reached the agent after the hand-over (the link settles for INTAKE_SETTLE_S, so
+        # only one the broker sent later still) is refused while the link can still send the refusal.
+        self._handle_link_events()
+        if self.link.pending():
+            self.link.flush(FLUSH_GRACE_S)
 
     def close(self) -> None:
         self.link.stop()

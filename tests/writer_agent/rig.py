@@ -91,15 +91,17 @@ class Rig:
 
 @pytest.fixture
 def rig(make_config, tmp_path, broker_url):
-    """rig(rate_hz=200, skip_sequence_every=0, agent_url=None, **writer_agent_section) -> a running Rig."""
+    """rig(rate_hz=200, skip_sequence_every=0, agent_url=None, writer_status_interval_s=0.2,
+    **writer_agent_section) -> a running Rig."""
     made = []
 
-    def factory(rate_hz=200.0, skip_sequence_every=0, agent_url=None, **agent_section):
+    def factory(rate_hz=200.0, skip_sequence_every=0, agent_url=None, writer_status_interval_s=0.2,
+                **agent_section):
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
         path, config = make_config(output_dirs=[str(out)], image_buffer_slots=64,
                                    writer_agent={"writer_timeout_s": 3.0, "max_images": 5000, **agent_section},
-                                   writer={"status_interval_s": 0.2})
+                                   writer={"status_interval_s": writer_status_interval_s})
         made.append(Rig(path, config, tmp_path, broker_url, skip_sequence_every, agent_url))
         if rate_hz:
             made[-1].producer.start(rate_hz)

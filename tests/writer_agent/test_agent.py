@@ -193,11 +193,17 @@ def test_a_request_queued_behind_a_running_write_is_not_reported_as_not_taken(ri
 
 
 def test_a_request_queued_behind_a_write_whose_writer_hangs_is_not_reported_as_not_taken(rig, broker_url):
-    r = rig(rate_hz=100, writer_timeout_s=30.0)
+    # std_h5_writer's default status interval (1 s): in normal running, between its statuses, the agent's
+    # own reports (at least one a second) must not say that it waits for the writer
+    r = rig(rate_hz=100, writer_timeout_s=30.0, writer_status_interval_s=1.0)
     first = r.client.submit(str(r.out / "stalled.h5"), 3000, tag=r.tag)
-    wait_for_progress(r, first, 5)
+    wait_for_progress(r, first, 150)  # about 2 s of writing
+    before = [json.loads(s.message) for s in r.client.received
+              if s.request_id == first and s.action == broker.REQUEST_PROGRESS]
+    assert not any("waiting_for" in report for report in before if report["state"] == "writing"), before
     os.kill(r.writer.proc.pid, signal.SIGSTOP)  # no writer statuses from here on
-    with DaqClient(broker_url, start_timeout_s=2.0) as other:
+    # start_timeout_s 5 s (std_daq.client's default) against the agent's reports every second
+    with DaqClient(broker_url, start_timeout_s=5.0) as other:
         try:
             second = other.submit(str(r.out / "queued.h5"), 5, tag=r.tag)
             with pytest.raises(RequestTimeout) as waited:
@@ -207,7 +213,11 @@ def test_a_request_queued_behind_a_write_whose_writer_hangs_is_not_reported_as_n
             os.kill(r.writer.proc.pid, signal.SIGCONT)
         busy = [json.loads(s.message) for s in other.received
                 if s.request_id == first and s.action == broker.REQUEST_PROGRESS]
-        assert any(report.get("waiting_for") == "std_h5_writer" for report in busy), busy
+        # all sent while the writer was stopped (the client subscribed after the SIGSTOP): from 2 s of its
+        # silence on, each says so, about once a second
+        waiting = [report for report in busy if report.get("waiting_for") == "std_h5_writer"]
+        assert len(waiting) >= 3, busy
+        assert len({report["n_written"] for report in waiting}) == 1, waiting  # nothing written meanwhile
         r.client.kill(first, tag=r.tag)
         assert not r.client.wait(first, timeout_s=30).ok
         result = other.wait(second, timeout_s=30)  # its turn came: it was queued, not lost
