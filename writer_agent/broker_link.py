@@ -42,6 +42,11 @@ for _noisy in ("pika.adapters.utils.connection_workflow", "pika.adapters.blockin
 
 CONNECT_TIMEOUT_S = 3.0  # one connection attempt; only the link thread waits for it
 EVENTS_SLICE_S = 0.05  # the link serves the broker in slices this long, then looks at its outbox
+# When the intake ends, the link keeps reading the connection until this long passes without a new request
+# (up to INTAKE_SETTLE_MAX_S): a request the broker pushed to the consumer after the last ack freed the
+# prefetch may still be on its way, and it must reach the agent while the agent can still answer it.
+INTAKE_SETTLE_S = 0.1
+INTAKE_SETTLE_MAX_S = 1.0
 FIRST_BACKOFF_S = 0.5
 
 
@@ -104,6 +109,7 @@ class BrokerLink:
         self._outage_logged = False
         self._errors: dict[str, int] = {}
         self._wake: zmq.Socket | None = None
+        self._deliveries = 0  # requests received (for the settling wait of _end_intake)
 
     # --- the agent's side ---------------------------------------------------------------------------
 
@@ -134,7 +140,8 @@ class BrokerLink:
     def stop_intake(self) -> None:
         """Take no more requests: once the outbox is empty (the running request's ack is out), the link
         unbinds the request queue (new requests are then returned to their senders as unroutable) and
-        hands over as Deliveries the requests still in the queue, so the agent can answer each;
+        hands over as Deliveries the requests still in the queue, and any the broker pushed to it meanwhile
+        (it reads on until INTAKE_SETTLE_S passes without one), so the agent can answer each;
         `intake_stopped` is set then. Without a connection there is nothing to hand over: the queue went
         with the connection."""
         self._stop_intake.set()
@@ -238,7 +245,17 @@ class BrokerLink:
             if method is None:
                 break
             self._on_request(channel, method, properties, body)
-        self._connection.process_data_events(time_limit=0)
+        # A request pushed to the consumer may not have been read yet: read on until INTAKE_SETTLE_S
+        # passes without one (each delivery starts the wait again), at most INTAKE_SETTLE_MAX_S.
+        start = quiet_since = time.monotonic()
+        seen = self._deliveries
+        while True:
+            self._connection.process_data_events(time_limit=EVENTS_SLICE_S)
+            now = time.monotonic()
+            if self._deliveries != seen:
+                seen, quiet_since = self._deliveries, now
+            if now - quiet_since >= INTAKE_SETTLE_S or now - start >= INTAKE_SETTLE_MAX_S:
+                break
 
     def _close_connection(self) -> None:
         self.connected.clear()
@@ -273,6 +290,7 @@ class BrokerLink:
             pass  # a wake-up is pending already
 
     def _on_request(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._deliveries += 1
         self._post(Delivery(self.generation, method.delivery_tag, properties.correlation_id or "", bytes(body)))
 
     def _on_kill(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
