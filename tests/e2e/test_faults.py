@@ -342,20 +342,23 @@ def test_a_consumer_that_falls_behind_has_its_buffer_overwritten_detected_counte
     metrics = metrics_once_assembled(pipe, int(ids.max()))
     assembler = metrics["std_assembler"]
     n_lost = counts.get(STATUS_LOST, 0)
+    jumps, skipped, _ = id_gaps(ids)
+    figures = (f"falls behind, {victim}: statuses {counts}; assembler frames_overwritten "
+               f"{assembler['frames_overwritten']:.0f}, images_missing_module {assembler['images_missing_module']:.0f}, "
+               f"late_frames {assembler.get('late_frames', 0):.0f}, restarts {sum(c.restarts for c in pipe.launcher.children)}; "
+               f"summary images_lost "
+               f"{summary['images_lost']}; {jumps} id gap(s), {skipped} ids skipped")
+    print("\n" + figures)  # before the checks: a failure shows what happened
     assert len(ids) == 200 and summary["images_written"] + summary["images_lost"] == 200
     assert summary["images_lost"] == n_lost  # the writer's overwrites, reported to the user
     assert counts.get(MISSING_MODULE, 0) <= assembler["images_missing_module"]
     assert counts.get(MISSING_PACKETS, 0) <= assembler["images_missing_packets"]
     if victim == "assembler":
-        assert assembler["frames_overwritten"] > 0  # the receivers lapped it: detected and counted
+        assert assembler["frames_overwritten"] > 0, figures  # the receivers lapped it: detected and counted
     else:
         assert n_lost > 0  # the assembler lapped it: detected, recorded as status 4 and counted
     assert_no_wrong_pixel(config, data, ids, statuses)
     assert_summary_reports(summary, ids, statuses)
-    jumps, skipped, _ = id_gaps(ids)
-    print(f"\nfalls behind, {victim}: statuses {counts}; assembler frames_overwritten "
-          f"{assembler['frames_overwritten']:.0f}, images_missing_module {assembler['images_missing_module']:.0f}; "
-          f"summary images_lost {summary['images_lost']}; {jumps} id gap(s), {skipped} ids skipped")
 
 
 def test_a_broker_restart_during_a_write_loses_neither_the_data_nor_the_final_status(
