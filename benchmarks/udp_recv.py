@@ -21,7 +21,7 @@ Run it under the machine's benchmark lock:
     flock /tmp/std-daq-heavy.lock .venv/bin/python benchmarks/udp_recv.py [--images 800]
         [--live-rates 500,1000,2000,3000] [--live-seconds 10] [--long]
 
-The default run takes about a minute (--no-live: about 40 s; usually one live run, as the receiver keeps up
+The default run takes about 35 s (--no-live: about 20 s; usually one live run, as the receiver keeps up
 with the fastest the simulator sends on a 2-core machine); --long tries more rates for 30 s each.
 """
 from __future__ import annotations
