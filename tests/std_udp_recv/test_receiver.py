@@ -95,8 +95,12 @@ class Rig:
         raise AssertionError(f"frames: {[r.counters.frames for r in self.receivers]}")
 
     def pushed(self, module: int) -> list[ModuleFrame]:
+        """The ModuleFrames the module's receiver pushed so far: as many as it finished and delivered (then
+        anything beyond that, which would be a bug, shows up in the caller's comparison)."""
+        c = self.receivers[module].counters
+        expected = c.frames - c.frames_not_delivered
         out = []
-        while self.pulls[module].poll(200):
+        while self.pulls[module].poll(5000 if len(out) < expected else 20):
             out.append(ModuleFrame.decode(self.pulls[module].recv()))
         return out
 
