@@ -502,6 +502,20 @@ def test_cli_refuses_a_module_the_detector_does_not_have(make_config):
     assert "module_id" in result.stderr
 
 
+def _wait_until_listening(recv: subprocess.Popen, timeout_s: float = 30.0) -> str:
+    """The receiver's log up to its "listening on" line (packets sent before it binds would be lost)."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = recv.stderr.readline()
+        if not line:
+            break  # it exited
+        seen.append(line)
+        if "listening on" in line:
+            return "".join(seen)
+    raise AssertionError("std_udp_recv did not start listening:\n" + "".join(seen))
+
+
 def test_sim_and_receiver_processes_end_to_end(make_config):
     """The console scripts as the launcher runs them: frames arrive and the receiver stops on SIGTERM."""
     path, config = make_config()
@@ -510,7 +524,7 @@ def test_sim_and_receiver_processes_end_to_end(make_config):
     pull.connect(module_frames_address(config, 0))
     recv = subprocess.Popen(["std_udp_recv", str(path), "0"], stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        _wait_until_listening(recv)
         sim = subprocess.run(["std_udp_sim", str(path), "--rate", "100", "--n-images", "5", "--start-id", "20"],
                              capture_output=True, text=True, timeout=30)
         assert "sent 5 images" in sim.stdout
@@ -540,7 +554,7 @@ def test_two_acquisitions_from_the_cli_numbered_alike_both_arrive(make_config):
     recv = subprocess.Popen(["std_udp_recv", str(path), "0", "--stats-interval", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        _wait_until_listening(recv)
         for _ in range(2):
             sim = subprocess.run(["std_udp_sim", str(path), "--rate", "100", "--n-images", "5", "--host", "localhost"],
                                  capture_output=True, text=True, timeout=30)
