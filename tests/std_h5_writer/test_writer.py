@@ -1,6 +1,7 @@
 """std_h5_writer against a real ImageBuffer, real ZMQ and real HDF5 files; the test plays writer_agent."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -278,14 +279,26 @@ def _limit_file_size():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_request_succeeds(make_config, tmp_path):
-    # Written through H5Dwrite_chunk, the file grows image by image. (Preallocated, it has its full size
-    # from the start: the next test.)
-    path_cfg, config = make_config(output_dirs=[str(tmp_path)], writer={"preallocate_max_images": 0})
+@contextlib.contextmanager
+def _size_limited_writer(path_cfg, config):
+    """A std_h5_writer process whose files stop growing at 3 MiB, and an Agent to drive it; on leaving, the
+    writer is stopped (SIGTERM) and its log kept as `proc.log`."""
     agent = Agent(config)
     proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
                             preexec_fn=_limit_file_size)
     try:
+        yield agent, proc
+    finally:
+        proc.terminate()
+        _, proc.log = proc.communicate(timeout=20)
+        agent.close()
+
+
+def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_request_succeeds(make_config, tmp_path):
+    # Written through H5Dwrite_chunk, the file grows image by image. (Preallocated, it has its full size
+    # from the start: the next test.)
+    path_cfg, config = make_config(output_dirs=[str(tmp_path)], writer={"preallocate_max_images": 0})
+    with _size_limited_writer(path_cfg, config) as (agent, proc):
         agent.start(tmp_path / "big.h5", 10)
         agent.wait((WriterState.WRITING,), timeout_s=20)
         for i in range(10):  # 10 MiB against a 3 MiB limit
@@ -299,10 +312,6 @@ def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_reques
         write_run(agent, tmp_path / "next.h5", [5], run_id=2)
         nxt = agent.wait(run_id=2, timeout_s=20)
         assert nxt.state == WriterState.FINISHED and nxt.n_written == 1
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
-        agent.close()
     with h5py.File(tmp_path / "next.h5", "r") as f:
         assert f["entry/data/data"].shape[0] == 1
 
@@ -310,20 +319,13 @@ def test_a_file_size_limit_fails_the_run_with_the_errno_text_and_the_next_reques
 def test_a_preallocated_run_larger_than_the_file_size_limit_is_refused_at_its_start_and_leaves_no_file(make_config,
                                                                                                         tmp_path):
     path_cfg, config = make_config(output_dirs=[str(tmp_path)])
-    agent = Agent(config)
-    proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limit_file_size)
-    try:
+    with _size_limited_writer(path_cfg, config) as (agent, proc):
         agent.start(tmp_path / "big.h5", 10)  # 10 MiB against a 3 MiB limit
         refused = agent.wait(timeout_s=20)
         assert refused.state == WriterState.FAILED and "File too large" in refused.error, refused.error
         assert not (tmp_path / "big.h5").exists()
         write_run(agent, tmp_path / "next.h5", [5], run_id=2)
         assert agent.wait(run_id=2, timeout_s=20).state == WriterState.FINISHED
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
-        agent.close()
     assert proc.returncode == 0
 
 
@@ -344,10 +346,7 @@ def test_repeated_oversize_preallocated_runs_refused_at_start_hold_no_descriptor
     # keep_unclosable); the file is unlinked. Neither its descriptor nor its blocks may stay held, and
     # every kept handle is logged with the running count.
     path_cfg, config = make_config(output_dirs=[str(tmp_path)])
-    agent = Agent(config)
-    proc = subprocess.Popen(["std_h5_writer", str(path_cfg)], stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limit_file_size)
-    try:
+    with _size_limited_writer(path_cfg, config) as (agent, proc):
         def refuse(run_id):
             agent.start(tmp_path / f"big-{run_id}.h5", 10, run_id=run_id)  # 10 MiB against a 3 MiB limit
             refused = agent.wait(timeout_s=20, run_id=run_id)
@@ -364,12 +363,8 @@ def test_repeated_oversize_preallocated_runs_refused_at_start_hold_no_descriptor
         assert not list(tmp_path.glob("big-*.h5"))
         write_run(agent, tmp_path / "next.h5", [5], run_id=30)
         assert agent.wait(run_id=30, timeout_s=20).state == WriterState.FINISHED
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=20)
-        agent.close()
     assert proc.returncode == 0
-    assert "HDF5 could not close" in stderr and "(21 so far)" in stderr, stderr[-2000:]
+    assert "HDF5 could not close" in proc.log and "(21 so far)" in proc.log, proc.log[-2000:]
 
 
 def test_user_id_sets_the_owner_when_running_as_root(writer_rig, tmp_path):
