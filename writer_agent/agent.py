@@ -108,16 +108,16 @@ class ImageTally:
         self.last_id = image_id
 
     def _jump(self, step: int, missed: int) -> None:
-        if step > 1:
-            skipped = step - 1 - missed  # the ids the agent's own misses do not explain
-            if skipped <= 0:
-                return
-        for tally in (self, self.totals) if self.totals is not None else (self,):
-            if step > 1:
+        tallies = (self,) if self.totals is None else (self, self.totals)
+        if step < 1:
+            for tally in tallies:
+                tally.backward += 1
+            return
+        skipped = step - 1 - missed  # the ids the agent's own misses do not explain
+        if skipped > 0:
+            for tally in tallies:
                 tally.gaps += 1
                 tally.skipped += skipped
-            else:
-                tally.backward += 1
 
     def counts(self) -> dict[str, int]:
         """The TALLY_FIELDS, as they go into the request's summary."""
