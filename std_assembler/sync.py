@@ -171,9 +171,8 @@ class Synchronizer:
             if now - pending.first_seen < self.timeout_s:
                 break
             expired.append(pending)
-        for p in sorted(expired, key=lambda p: p.image_id):
-            if p.image_id in self.pending:  # (not released already, before a bigger expired one)
-                out += self._release(p, "timeout")
+        for p in sorted(expired, key=lambda p: p.image_id):  # (_release takes out only smaller ids)
+            out += self._release(p, "timeout")
         return out
 
     def release_overdue(self) -> list[ReadyImage]:
@@ -240,10 +239,8 @@ class Synchronizer:
         """Release the waiting images with `after(id)` and id < `below` whose missing modules all passed."""
         ready = []
         for image_id in sorted(i for i in self.pending if i < below and after(i)):
-            pending = self.pending[image_id]
-            pending = self.pending.get(image_id)  # (None: released already, before a bigger one)
-            if pending is not None and all(self._passed(m, image_id) for m in range(self.n_modules)
-                                           if m not in pending.frames):
+            pending = self.pending[image_id]  # (_release takes out only smaller ids: this one still waits)
+            if all(self._passed(m, image_id) for m in range(self.n_modules) if m not in pending.frames):
                 ready += self._release(pending, "moved_past")
         return ready
 
