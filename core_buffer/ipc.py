@@ -12,8 +12,13 @@ PUSH_LINGER_MS = 2000
 DEFAULT_LINGER_MS = 0
 
 
+def ipc_file(config: DetectorConfig, suffix: str) -> str:
+    """A path of this detector's in ipc_dir: <ipc_dir>/<namespace>-<detector>-<suffix> (sockets, records)."""
+    return os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-{suffix}")
+
+
 def _ipc(config: DetectorConfig, suffix: str) -> str:
-    return f"ipc://{os.path.join(config.ipc_dir, f'{config.namespace}-{config.detector_name}-{suffix}')}"
+    return f"ipc://{ipc_file(config, suffix)}"
 
 
 def module_frames_address(config: DetectorConfig, module_id: int) -> str:

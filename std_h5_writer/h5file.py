@@ -126,8 +126,9 @@ def _link(group: h5py.Group, name: str, target: h5py.Dataset) -> None:
     h5o.link(target.id, group.id, name.encode())
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def local_time(t: float | None = None) -> str:
+    """The file's time format (ISO 8601, local time with its offset): now, or the time `t`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
 class UnmarkableFileError(StdDaqError):
@@ -238,7 +239,7 @@ class OutputFile:
 
     def _layout(self, config: DetectorConfig, request: dict, compression: str) -> None:
         f, (h, w), n_images = self.file, self.shape, self.n_images
-        start = _now()
+        start = local_time()
         _set_attrs(f, {
             "detector_name": config.detector_name, "detector_type": config.detector_type,
             "bit_depth": config.bit_depth, "image_height": h, "image_width": w,
@@ -429,7 +430,7 @@ class OutputFile:
             for dset in self.meta.values():
                 dset.resize((n,))
         self._write_columns(n)
-        end = _now()
+        end = local_time()
         self.end_time[()] = end
         _set_attrs(self.file, {"state": state, "end_time": end, "n_images_written": self.n_written,
                                "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
@@ -476,7 +477,7 @@ def mark_interrupted(path: str, output_dirs: Iterable[str], request: dict, note:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnmarkableFileError(f"{path} is not a regular file")
-        last_write = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(st.st_mtime))
+        last_write = local_time(st.st_mtime)
         # The inode just checked, opened again read-write through its descriptor (not through the name).
         f = h5py.File(f"/proc/self/fd/{fd}", "r+", locking=False)
     finally:

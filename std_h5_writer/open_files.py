@@ -32,13 +32,13 @@ import json
 import logging
 import os
 import stat
-import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import StdDaqError
-from std_h5_writer.h5file import Interrupted, mark_interrupted
+from core_buffer.ipc import ipc_file
+from std_h5_writer.h5file import Interrupted, local_time, mark_interrupted
 
 log = logging.getLogger("std_h5_writer")
 
@@ -66,7 +66,7 @@ class Recovery:
 
 
 def record_directory(config: DetectorConfig) -> str:
-    return os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-std_h5_writer")
+    return ipc_file(config, "std_h5_writer")
 
 
 class OpenFileRecords:
@@ -90,7 +90,7 @@ class OpenFileRecords:
         self.n_records += 1
         name = f"{os.getpid()}-{self.n_records}{RECORD_SUFFIX}"
         body = json.dumps({"output_file": output_file, "run_id": run_id, "request": request, "pid": os.getpid(),
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+                           "created": local_time()}).encode()
         tmp = f".{name}{TMP_SUFFIX}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -183,7 +183,7 @@ class OpenFileRecords:
         path = recovery.output_file
         note = (f"std_h5_writer (pid {recovery.pid}) died with the file open (killed or crashed); the rows "
                 f"after its last flush are lost; marked by std_h5_writer pid {os.getpid()} at its start, "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+                f"{local_time()}")
         try:
             marked = mark_interrupted(path, output_dirs, recovery.request, note)
         except FileNotFoundError:

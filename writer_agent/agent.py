@@ -38,7 +38,8 @@ from core_buffer import broker
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import FormatError
 from core_buffer.formats import ImageMetadata, StoreOp, StoreStream, WriterState, WriterStatus
-from core_buffer.ipc import image_metadata_address, make_socket, store_stream_address, writer_status_address
+from core_buffer.ipc import (image_metadata_address, ipc_file, make_socket, store_stream_address,
+                             writer_status_address)
 from core_buffer.service import Counters
 from writer_agent.broker_link import CONNECT_TIMEOUT_S, BrokerLink, Delivery, Kill, Published
 from writer_agent.request import BadRequest, WriteRequest, parse_request
@@ -179,6 +180,7 @@ class Job:
         self.last_report = self.started
         self.forwarded = 0
         self.dropped = 0  # images that reached the agent and could not be handed to std_h5_writer
+        self.dropped_told = False  # the failure reason says how many already
         self.gaps = 0
         self.last_sequence: int | None = None
         self.tally = ImageTally(totals)  # of the images forwarded
@@ -214,8 +216,7 @@ class WriterAgent:
         # Final statuses handed to the link and not yet confirmed by the broker, by request id; they
         # stay in the record file until confirmed, so a crash meanwhile does not lose them.
         self.owed: collections.OrderedDict[str, broker.StatusMessage] = collections.OrderedDict()
-        self.record_path = os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-writer_agent"
-                                                        ".inflight.json")
+        self.record_path = ipc_file(config, "writer_agent.inflight.json")
         wake_address = f"inproc://writer_agent-wake-{id(self):x}"
         self.wake = self.context.socket(zmq.PAIR)
         self.wake.setsockopt(zmq.LINGER, 0)
@@ -447,6 +448,7 @@ class WriterAgent:
                                           f"(waited {self.settings.writer_timeout_s:g} s); is it running?")
         elif now - job.last_writer_news > self.settings.writer_timeout_s:
             dropped = f", {job.dropped} more could not be handed to it" if job.dropped else ""
+            job.dropped_told = bool(job.dropped)
             self._writer_timeout(job, f"std_h5_writer sent no status for {self.settings.writer_timeout_s:g} s "
                                       f"({job.forwarded} of {job.request.n_images} images forwarded{dropped}); "
                                       "is it running?")
@@ -563,7 +565,7 @@ class WriterAgent:
                       f"closed and holds them")
         elif status is not None and job.failure:
             reason = f"{job.failure}; {r.output_file} is closed and holds {job.n_written} images"
-        if reason is not None and job.dropped and "could not be handed" not in reason:
+        if reason is not None and job.dropped and not job.dropped_told:
             reason = f"{reason} ({job.dropped} images could not be handed to std_h5_writer)"
         counts = job.tally.counts()
         trouble = describe_tally(counts, job.forwarded, self.config.image_id_source == "pulse_id")
