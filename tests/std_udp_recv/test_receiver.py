@@ -516,15 +516,28 @@ def _wait_until_listening(recv: subprocess.Popen, timeout_s: float = 30.0) -> st
     raise AssertionError("std_udp_recv did not start listening:\n" + "".join(seen))
 
 
+def _pull_of_a_started_receiver(config, recv: subprocess.Popen):
+    """A PULL on module 0's frames, returned once the receiver listens and the PULL is connected to its PUSH
+    (a frame pushed before that is not delivered: counted, not queued)."""
+    pull = make_socket(zmq.Context.instance(), zmq.PULL, hwm=1000)
+    monitor = pull.get_monitor_socket(zmq.EVENT_CONNECTED)
+    pull.connect(module_frames_address(config, 0))
+    try:
+        _wait_until_listening(recv)
+        assert monitor.poll(10000), "the PULL did not connect to the receiver's PUSH"
+    finally:
+        pull.disable_monitor()
+        monitor.close()
+    return pull
+
+
 def test_sim_and_receiver_processes_end_to_end(make_config):
     """The console scripts as the launcher runs them: frames arrive and the receiver stops on SIGTERM."""
     path, config = make_config()
-    ctx = zmq.Context.instance()
-    pull = make_socket(ctx, zmq.PULL, hwm=1000)
-    pull.connect(module_frames_address(config, 0))
     recv = subprocess.Popen(["std_udp_recv", str(path), "0"], stderr=subprocess.PIPE, text=True)
+    pull = None
     try:
-        _wait_until_listening(recv)
+        pull = _pull_of_a_started_receiver(config, recv)
         sim = subprocess.run(["std_udp_sim", str(path), "--rate", "100", "--n-images", "5", "--start-id", "20"],
                              capture_output=True, text=True, timeout=30)
         assert "sent 5 images" in sim.stdout
@@ -535,7 +548,8 @@ def test_sim_and_receiver_processes_end_to_end(make_config):
     finally:
         recv.terminate()
         _, err = recv.communicate(timeout=15)
-        pull.close()
+        if pull is not None:
+            pull.close()
     assert recv.returncode == 0
     assert "complete_frames=5" in err
 
@@ -548,13 +562,11 @@ def test_two_acquisitions_from_the_cli_numbered_alike_both_arrive(make_config):
     """`std_udp_sim CONFIG --n-images 5` run twice against a std_udp_recv process (the detector numbers
     each acquisition from 1), sent to --host localhost; the receiver's InfluxDB line is the legacy one."""
     path, config = make_config()
-    ctx = zmq.Context.instance()
-    pull = make_socket(ctx, zmq.PULL, hwm=1000)
-    pull.connect(module_frames_address(config, 0))
     recv = subprocess.Popen(["std_udp_recv", str(path), "0", "--stats-interval", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pull = None
     try:
-        _wait_until_listening(recv)
+        pull = _pull_of_a_started_receiver(config, recv)
         for _ in range(2):
             sim = subprocess.run(["std_udp_sim", str(path), "--rate", "100", "--n-images", "5", "--host", "localhost"],
                                  capture_output=True, text=True, timeout=30)
@@ -566,7 +578,8 @@ def test_two_acquisitions_from_the_cli_numbered_alike_both_arrive(make_config):
     finally:
         recv.send_signal(signal.SIGTERM)
         out, err = recv.communicate(timeout=15)
-        pull.close()
+        if pull is not None:
+            pull.close()
     assert recv.returncode == 0, err[-2000:]
     last = _influx_lines(out)[-1]
     assert re.fullmatch(rf"std_udp_recv,detector_name={config.detector_name},module_id=0 "
