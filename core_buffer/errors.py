@@ -51,9 +51,14 @@ class BufferMissingError(RingBufferError):
 
 
 class ImageLostError(StdDaqError):
-    """The ring-buffer slot of an id holds another id: the image was overwritten or never written."""
+    """The ring-buffer slot of an id holds another image: another id, or the same id written again (by
+    another acquisition that numbered its images from 1 again): the image was overwritten or never written."""
 
     def __init__(self, wanted_id: int, found_id: int) -> None:
         self.wanted_id = wanted_id
         self.found_id = found_id
-        super().__init__(f"slot of id {wanted_id} holds id {found_id}: image lost or overwritten")
+        if found_id == wanted_id:
+            super().__init__(f"slot of id {wanted_id} holds another image with that id (a later acquisition's): "
+                             f"image lost or overwritten")
+        else:
+            super().__init__(f"slot of id {wanted_id} holds id {found_id}: image lost or overwritten")

@@ -27,7 +27,17 @@ def _check_size(data: bytes | memoryview, size: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class ModuleFrame:
-    """One finished frame of one module: std_udp_recv -> std_assembler, and the FrameBuffer slot meta."""
+    """One finished frame of one module: std_udp_recv -> std_assembler, and the FrameBuffer slot meta.
+
+    DESIGN.md §4 fixes the first 50 bytes; this project uses the reserved bytes after them
+    (docs/design-choices.md, "ModuleFrame's reserved bytes"):
+    - `acquisition` (u32 at 52): the receiver's acquisition token. It changes whenever that receiver's
+      image ids start again (a confirmed restart, or ids not above the last ones after an idle gap), and
+      at every start of the receiver, so the assembler restarts its run together with its receivers.
+    - `generation` (u64 at 56): unique per frame written into the FrameBuffer by that module's receivers,
+      past and future (the receiver's start time in ns plus its frame count). A reader holding a message
+      proves the slot still holds *that* frame, not only a frame of the same id (another acquisition's).
+    """
 
     id: int
     pulse_id: int = 0
@@ -39,15 +49,17 @@ class ModuleFrame:
     bit_depth: int = 16
     pos_y: int = 0
     pos_x: int = 0
+    acquisition: int = 0
+    generation: int = 0
 
-    STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQQIIIHHH14x")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQQIIIHHH2xIQ")
     SIZE: ClassVar[int] = 64
     DTYPE: ClassVar[np.dtype] = np.dtype(
         {
             "names": ["id", "pulse_id", "frame_index", "daq_rec", "n_recv_packets", "n_packets",
-                      "module_id", "bit_depth", "pos_y", "pos_x"],
-            "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "<u4", "<u4", "<u2", "<u2", "<u2"],
-            "offsets": [0, 8, 16, 24, 32, 36, 40, 44, 46, 48],
+                      "module_id", "bit_depth", "pos_y", "pos_x", "acquisition", "generation"],
+            "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "<u4", "<u4", "<u2", "<u2", "<u2", "<u4", "<u8"],
+            "offsets": [0, 8, 16, 24, 32, 36, 40, 44, 46, 48, 52, 56],
             "itemsize": 64,
         }
     )
@@ -59,7 +71,7 @@ class ModuleFrame:
     def encode(self) -> bytes:
         return self.STRUCT.pack(
             self.id, self.pulse_id, self.frame_index, self.daq_rec, self.n_recv_packets, self.n_packets,
-            self.module_id, self.bit_depth, self.pos_y, self.pos_x,
+            self.module_id, self.bit_depth, self.pos_y, self.pos_x, self.acquisition, self.generation,
         )
 
     @classmethod

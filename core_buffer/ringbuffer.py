@@ -135,6 +135,10 @@ class RingBuffer:
         # never sees half of an id.
         self._ids = self._metas["id"]  # shape (n_slots, n_modules)
         self._slot_bytes = layout.slot_bytes  # a property that computes: not for every access
+        self._mapped()
+
+    def _mapped(self) -> None:
+        """Views a subclass makes once the slots are mapped."""
 
     # -- opening ---------------------------------------------------------------------------------
     def _open(self, create: bool, mode: int) -> posix_ipc.SharedMemory:
@@ -274,7 +278,7 @@ class RingBuffer:
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
         """Unmap. Views handed out keep the mapping alive until they are gone."""
-        self._metas = self._data = self._array = self._ids = None  # type: ignore[assignment]
+        self._metas = self._data = self._array = self._ids = self._sequences = None  # type: ignore[assignment]
         try:
             self._mmap.close()
         except BufferError:
@@ -339,11 +343,21 @@ class FrameBuffer(RingBuffer):
     def still_holds(self, image_id: int, module: int) -> bool:
         return self.slot_id(self.slot_of(image_id), module) == image_id
 
+    def holds(self, image_id: int, module: int, generation: int) -> bool:
+        """Whether the module's meta in the slot of `image_id` is that of the very frame written with
+        `generation` (ModuleFrame.generation), not just a frame with the same id (another acquisition's).
+        The id is read first: a frame committed after it was read stored its generation before its id."""
+        meta = self._metas[self.slot_of(image_id), module]
+        return int(meta["id"]) == image_id and int(meta["generation"]) == generation
+
 
 class ImageBuffer(RingBuffer):
     """Assembled images per image id; written by std_assembler or std_stream_recv, read by the writer."""
 
     META_DTYPE = ImageMetadata.DTYPE
+
+    def _mapped(self) -> None:
+        self._sequences = self._metas[:, 0]["user_1"]  # shape (n_slots,): the producers' sequence numbers
 
     @classmethod
     def for_config(cls, config: DetectorConfig, *, create: bool = True) -> ImageBuffer:
@@ -392,17 +406,26 @@ class ImageBuffer(RingBuffer):
     def still_holds(self, image_id: int) -> bool:
         return int(self._ids[image_id % self.layout.n_slots, 0]) == image_id  # twice per image in a sender
 
+    def holds(self, image_id: int, sequence: int) -> bool:
+        """Whether the slot of `image_id` holds the very image published with `sequence` (its user_1), not
+        just an image with the same id (another acquisition's, after the detector numbered from 1 again).
+        The id is read first: an image committed after it was read stored its user_1 before its id."""
+        slot = image_id % self.layout.n_slots
+        return int(self._ids[slot, 0]) == image_id and int(self._sequences[slot]) == sequence
+
     def raw_bytes(self, image_id: int, nbytes: int) -> np.ndarray:
         """Zero-copy uint8 view of the first `nbytes` of the slot of `image_id` (no id check: callers
         check `still_holds` after they have copied it)."""
         return self._data[self.slot_of(image_id), :nbytes]
 
-    def copy_image(self, image_id: int, out: np.ndarray) -> ImageMetadata:
-        """Copy the image of `image_id` into `out` (raw bytes); ImageLostError if it was not there or
-        was overwritten while being copied, in which case `out` must not be used."""
+    def copy_image(self, image_id: int, out: np.ndarray, sequence: int | None = None) -> ImageMetadata:
+        """Copy the image of `image_id` (and, if given, of `sequence`) into `out` (raw bytes); ImageLostError
+        if it was not there or was overwritten while being copied, in which case `out` must not be used."""
         meta = self.read_meta(image_id)
+        if sequence is not None and meta.user_1 != sequence:
+            raise ImageLostError(image_id, image_id)
         n = out.nbytes
         np.copyto(out.reshape(-1).view(np.uint8), self._data[self.slot_of(image_id), :n])
-        if not self.still_holds(image_id):
+        if not self.holds(image_id, meta.user_1):
             raise ImageLostError(image_id, self.slot_id(self.slot_of(image_id)))
         return meta

@@ -270,3 +270,36 @@ def test_a_buffer_is_never_created_writable_by_every_user():
         assert name not in os.listdir(SHM_DIR)
     finally:
         unlink(name)  # only there if the refusal failed
+
+
+def test_an_image_of_the_same_id_written_again_is_told_apart_by_its_sequence_number(make_config):
+    # Acquisition A published id 5 with sequence 4; acquisition B numbered from 1 again and wrote its own
+    # id 5 (sequence 9) into the same slot. Only the sequence number tells them apart.
+    _, config = make_config(image_buffer_slots=8)
+    h, w = config.image_shape
+    with removed_at_end(ImageBuffer.for_config(config)) as buf:
+        buf.begin_image(5).view(np.uint16)[:h * w] = 111
+        buf.commit_image(ImageMetadata(id=5, height=h, width=w, user_1=4))
+        assert buf.holds(5, 4) and not buf.holds(5, 9) and not buf.holds(13, 4)
+        buf.begin_image(5).view(np.uint16)[:h * w] = 222
+        buf.commit_image(ImageMetadata(id=5, height=h, width=w, user_1=9))
+        assert buf.still_holds(5)  # the id alone cannot see it
+        assert not buf.holds(5, 4) and buf.holds(5, 9)
+        out = np.empty((h, w), np.uint16)
+        with pytest.raises(ImageLostError, match="another image with that id"):
+            buf.copy_image(5, out, sequence=4)
+        assert buf.copy_image(5, out, sequence=9).user_1 == 9 and (out == 222).all()
+
+
+def test_a_frame_of_the_same_id_written_again_is_told_apart_by_its_generation(make_config):
+    _, config = make_config(n_modules=2, image_pixel_height=1024, frame_buffer_slots=8)
+    with removed_at_end(FrameBuffer.for_config(config)) as buf:
+        first = ModuleFrame(id=3, module_id=1, acquisition=7, generation=1000)
+        buf.begin_frame(3, 1)
+        buf.commit_frame(first)
+        assert buf.read_frame_meta(3, 1) == first  # every field, the reserved ones too, stored in the slot
+        assert buf.holds(3, 1, 1000) and not buf.holds(3, 0, 1000)
+        buf.begin_frame(3, 1)
+        assert not buf.holds(3, 1, 1000)  # being written: the id is invalid
+        buf.commit_frame(ModuleFrame(id=3, module_id=1, acquisition=8, generation=2000))
+        assert buf.still_holds(3, 1) and not buf.holds(3, 1, 1000) and buf.holds(3, 1, 2000)

@@ -250,7 +250,7 @@ IMAGE_METADATA = st.builds(ImageMetadata, id=U64, height=U64, width=U64, dtype=s
                            encoding=st.sampled_from([int(e) for e in Encoding]), source_id=U16, status=U16,
                            user_1=U64, user_2=U64)
 VALID = {
-    ModuleFrame: st.builds(ModuleFrame, U64, U64, U64, U64, U32, U32, U32, U16, U16, U16),
+    ModuleFrame: st.builds(ModuleFrame, U64, U64, U64, U64, U32, U32, U32, U16, U16, U16, U32, U64),
     ImageMetadata: IMAGE_METADATA,
     StoreStream: st.builds(StoreStream, st.sampled_from(list(StoreOp)), U32, U32, U32, U64, IMAGE_METADATA),
     Verdict: st.builds(Verdict, U64, st.booleans()),
@@ -284,7 +284,8 @@ RULES = {
     Verdict: [("verdict", {Verdict.INTACT, Verdict.TORN})],
 }
 CHECKED_FIELDS = [(message, name) for message, rules in RULES.items() for name, _ in rules]
-MODULE_FRAME_FIELD_BYTES = 50  # ModuleFrame's fields; the 14 bytes after them are reserved (padding)
+MODULE_FRAME_PAD = slice(50, 52)  # ModuleFrame's only padding: DESIGN.md's 50 bytes of fields, then 2 bytes
+#                                   before this project's acquisition (u32) and generation (u64)
 
 
 def _expected_refusal(message, data: bytes) -> str | None:
@@ -328,8 +329,8 @@ def _mutate(message, data: bytes, mutation: tuple) -> bytes:
 def _decode_as_expected(message, value, mutation) -> str:
     """Encode a valid value, mutate it, decode: the outcome must be what the rules say. A valid message
     decodes to its value; a mutated one decodes exactly when it breaks no rule, and then re-encodes to
-    the same bytes (ModuleFrame: the same 50 bytes of fields, and zeros in its 14 reserved bytes,
-    whatever they held); otherwise FormatError names the first rule broken. Returns the outcome."""
+    the same bytes (ModuleFrame: the same bytes but for zeros in its 2 padding bytes, whatever they
+    held); otherwise FormatError names the first rule broken. Returns the outcome."""
     data = value.encode()
     assert len(data) == message.SIZE and message.decode(data) == value
     mutated = _mutate(message, data, mutation)
@@ -342,8 +343,9 @@ def _decode_as_expected(message, value, mutation) -> str:
     assert expected is None, (expected, mutation)
     again = decoded.encode()
     if message is ModuleFrame:
-        assert again[:MODULE_FRAME_FIELD_BYTES] == mutated[:MODULE_FRAME_FIELD_BYTES]
-        assert again[MODULE_FRAME_FIELD_BYTES:] == bytes(message.SIZE - MODULE_FRAME_FIELD_BYTES)
+        pad = MODULE_FRAME_PAD
+        assert again[:pad.start] == mutated[:pad.start] and again[pad.stop:] == mutated[pad.stop:]
+        assert again[pad] == bytes(pad.stop - pad.start)
     else:
         assert again == mutated
     if mutation == ("none",):
