@@ -5,6 +5,10 @@ for each: places (Jungfrau raw, Eiger, Gigafrost) or converts (Jungfrau converte
 into the image's ImageBuffer slot, zeroes the area of missing modules, applies background and flat-field
 corrections, commits the metadata and PUBlishes it with the sequence number in user_1.
 
+A frame is read only if its FrameBuffer slot holds the very frame the message announced: the same id and
+the same write generation (ModuleFrame.generation), checked before and after reading, so a frame of the
+same id from a later acquisition is never taken for it (docs/std_assembler.md).
+
 Status, the most serious first: 3 missing module (including a frame overwritten in the FrameBuffer
 before it could be read), 2 modules disagree on frame index or pulse id, 1 lost packets, 0 good.
 With `assembler.drop_incomplete`, images with missing modules (also a frame found overwritten while
@@ -70,7 +74,7 @@ class Assembler:
         self.shape = config.image_shape
         self.image_bytes = config.image_bytes
         self.n_modules = config.n_modules
-        self._frame_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._frame_cache: dict[int, tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
         self._image_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
         self._stack_cache: dict[int, np.ndarray] = {}
         self._stacked_conversion = self.converter is not None and self.placer.stacked
@@ -218,10 +222,15 @@ class Assembler:
         self.images.begin_image(image_id)  # marks the slot invalid until commit_image
         image, targets = self._image_views(self.images.slot_of(image_id))
         slot = self.frames.slot_of(image_id)
-        frame_ids, frame_pixels = self._frame_views(slot)
+        frame_ids, frame_generations, frame_pixels = self._frame_views(slot)
         placer, converter = self.placer, self.converter
         lost_packets = False
-        whole = self._whole_slots and not missing and bool((frame_ids == image_id).all())
+        frames = ready.frames
+
+        def holds(m: int) -> bool:  # the slot holds module m's very frame (the id read first, then the generation)
+            return frame_ids[m] == image_id and frame_generations[m] == frames[m].generation
+
+        whole = self._whole_slots and not missing and all(holds(m) for m in range(self.n_modules))
         if whole:  # every frame is there: one compiled call for the whole image
             if converter is not None:  # the image is the plain stack of the frames
                 c.nan_pixels += converter.convert_stack(self._frame_stack(slot), image)
@@ -233,7 +242,7 @@ class Assembler:
                 placer.zero(image, m)
                 continue
             if not whole:
-                if frame_ids[m] != image_id:  # overwritten in the FrameBuffer before we got to it
+                if not holds(m):  # overwritten in the FrameBuffer before we got to it
                     c.frames_overwritten += 1
                     missing.append(m)
                     placer.zero(image, m)
@@ -242,7 +251,7 @@ class Assembler:
                     c.nan_pixels += converter.convert(m, frame_pixels[m], targets[m])
                 else:
                     placer.place(image, m, frame_pixels[m])
-            if frame_ids[m] != image_id:  # overwritten while we read it
+            if not holds(m):  # overwritten while we read it
                 c.frames_overwritten += 1
                 missing.append(m)
                 placer.zero(image, m)
@@ -285,13 +294,15 @@ class Assembler:
     # Views on the shared memory, made once per slot: building numpy views costs microseconds per module,
     # as much as placing a small frame.
 
-    def _frame_views(self, slot: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(the module frames' ids, live; each module's frame as pixels) of a FrameBuffer slot."""
+    def _frame_views(self, slot: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(the module frames' ids and generations, live; each module's frame as pixels) of a FrameBuffer
+        slot."""
         views = self._frame_cache.get(slot)
         if views is None:
             frames, placer = self.frames, self.placer
             pixels = [placer.frame_pixels(frames.module_data(slot, m)) for m in range(self.n_modules)]
-            views = self._frame_cache[slot] = (frames.metas(slot)["id"], pixels)
+            metas = frames.metas(slot)
+            views = self._frame_cache[slot] = (metas["id"], metas["generation"], pixels)
         return views
 
     def _frame_stack(self, slot: int) -> np.ndarray:

@@ -25,11 +25,16 @@ An id is published at most once per run: a frame for an id that was already rele
 counted and dropped. The highest RELEASED_MEMORY released ids are remembered exactly, and an id at or
 below the highest one forgotten is late too, so a very late frame cannot reopen an old image.
 
-Ids going backwards. A frame below its module's last id is, by default, a duplicate or a reordered
-frame: late, counted, dropped, and the module's last id stays. It is a *restart* of the module only when
-the jump back is larger than `restart_jump` (the FrameBuffer's depth: a frame that far back could not
-be read any more anyway) or when RESTART_AFTER_BACKWARD consecutive frames, with rising ids, are all
-behind the last id (a restart with a small jump). A restarted module leaves the current run: images
+Ids going backwards. A frame at or below its module's last id is a *restart* of the module when its
+receiver says so: its `acquisition` token differs from the module's previous frame's (the receiver
+changes it when its ids start again, after an idle gap or a confirmed restart). That is how acquisitions
+of any length that number their frames from 1 each time are followed, down to one frame each. Without a
+new token such a frame is, by default, a duplicate or a reordered frame: late, counted, dropped, and the
+module's last id stays. It is then a restart only when the jump back is larger than `restart_jump` (the
+FrameBuffer's depth: a frame that far back could not be read any more anyway) or when
+RESTART_AFTER_BACKWARD consecutive frames, with rising ids, are all behind the last id (a restart with a
+small jump, from receivers that did not see it). A new token with a rising id is no restart (a receiver
+restarted, or an idle gap within one acquisition): the module just carries on. A restarted module leaves the current run: images
 still waiting stop waiting for it, and its frames are held as the next run. When every module that is
 alive (sent a frame within the timeout) has restarted, the detector restarted: the images of the old
 run still waiting are released, the released-id memory is cleared, and the held frames become the new
@@ -37,6 +42,11 @@ run. If the other modules do not follow within the timeout, it was one module ou
 power-cycled module, a glitched id): its held frames go back into the current run, where those whose
 ids were released already are late, and until one of its frames is accepted again the module counts as
 having moved past every image, so the others are not held back by it.
+
+A restarted module may start yet another acquisition before the others have followed it into the first
+(its stream read ahead of theirs). Those frames are *parked*, in order, and taken again once the detector
+switched to the run before them (or the restart was not followed): the held run never mixes two
+acquisitions' frames of the same id.
 """
 from __future__ import annotations
 
@@ -117,6 +127,8 @@ class Synchronizer:
         self._restarted: dict[int, int | None] = {}
         self._next_run: dict[int, PendingImage] = {}
         self._restart_began = 0.0
+        self._acquisition: list[int | None] = [None] * n_modules  # token of each module's last frame taken
+        self._parked: list[list[ModuleFrame]] = [[] for _ in range(n_modules)]  # frames of a later acquisition
         # statistics (plain counters; the Assembler copies them)
         self.late_frames = 0
         self.module_restarts = 0
@@ -137,12 +149,21 @@ class Synchronizer:
         """Take one module frame; returns the images it made ready, in id order."""
         m, image_id = frame.module_id, frame.id
         self.last_seen[m] = now
+        if self._parked[m]:
+            return self._park(frame)  # behind frames of a later acquisition: in order after them
+        token = self._acquisition[m]
+        new_acquisition = token is not None and frame.acquisition != token
         if m in self._restarted:
+            held_last = self._restarted[m]
+            if new_acquisition and held_last is not None and image_id <= held_last:
+                return self._park(frame)  # yet another acquisition, before the others followed the last
+            self._acquisition[m] = frame.acquisition
             return self._add_next_run(frame, now)
+        self._acquisition[m] = frame.acquisition
         last = self.last_id[m]
         if last is not None and image_id <= last:
             backward = self._backward[m]
-            if last - image_id > self.restart_jump:
+            if new_acquisition or last - image_id > self.restart_jump:
                 backward.clear()
                 return self._begin_restart(m, [frame], now)
             if image_id < last and (not backward or image_id > backward[-1].id):
@@ -195,6 +216,10 @@ class Synchronizer:
         while len(self._next_run) > self.max_pending:
             oldest = self._next_run.pop(min(self._next_run))
             self.late_frames += len(oldest.frames)
+        for parked in self._parked:
+            if len(parked) > self.max_pending:
+                self.late_frames += len(parked) - self.max_pending
+                del parked[:len(parked) - self.max_pending]
         return out
 
     # --- the current run ------------------------------------------------------------------------------
@@ -284,6 +309,20 @@ class Synchronizer:
         out = self._release_moved_past(lambda i: True, float("inf"))
         return out + self._try_switch(now)
 
+    def _park(self, frame: ModuleFrame) -> list[ReadyImage]:
+        self._parked[frame.module_id].append(frame)
+        return []
+
+    def _take_parked(self, now: float) -> list[ReadyImage]:
+        """The restart ended (switched, or not followed): take the parked frames again, each module's in
+        the order they came (they may begin the next restart, and park again behind it)."""
+        out = []
+        parked, self._parked = self._parked, [[] for _ in range(self.n_modules)]
+        for frames in parked:
+            for frame in frames:
+                out += self.add(frame, now)
+        return out
+
     def _add_next_run(self, frame: ModuleFrame, now: float) -> list[ReadyImage]:
         self._hold(frame, now)
         return self._try_switch(now)
@@ -329,11 +368,11 @@ class Synchronizer:
         self._next_run = {}
         self._restarted = {}
         for image_id in sorted(self.pending):
-            held = self.pending[image_id]
-            if len(held.frames) == self.n_modules:
+            held = self.pending.get(image_id)
+            if held is not None and len(held.frames) == self.n_modules:
                 out += self._release(held, "complete")
         out += self._release_moved_past(lambda i: True, float("inf"))
-        return out
+        return out + self._take_parked(now)
 
     def _restart_not_followed(self, now: float) -> list[ReadyImage]:
         """The other modules did not restart: the restarted ones were out of step. Their held frames go
@@ -355,4 +394,4 @@ class Synchronizer:
             else:
                 self._detached.add(frame.module_id)
         out += self._release_moved_past(lambda i: True, float("inf"))
-        return sorted(out, key=lambda r: r.image_id)
+        return sorted(out, key=lambda r: r.image_id) + self._take_parked(now)

@@ -36,6 +36,12 @@ Which frame a valid packet belongs to, in order:
 After an idle gap (no datagram for forget_after_s: max(FORGET_AFTER_S, 3 frame timeouts)) the receiver
 forgets the ids it has seen, so a new acquisition that numbers its frames from 1 again opens at once.
 
+Every ModuleFrame carries the receiver's *acquisition* token, which changes whenever the ids start again
+(a confirmed restart, or ids not above the last ones after an idle gap) and at every start of the
+receiver: the assembler restarts its run when its receivers do, however short the acquisitions. It also
+carries a *generation* unique to this write of the slot (start time in ns + frames written), so the
+assembler can prove the slot still holds that very frame and not one of the same id written later.
+
 Frames skipped in the stream (a frame opens with a frame index more than one above the previous frame's,
 by at most JUMP_WINDOW) are counted in `frames_missed`, and their packets in `lost_packets`.
 
@@ -190,6 +196,11 @@ class UdpReceiver:
         self._held_need = CONFIRM_PACKETS
         self._held_since = 0.0
         self._timeout_s = settings.frame_timeout_s
+        # ModuleFrame.acquisition and .generation (core_buffer/formats.py). Both start from the clock, so a
+        # restarted receiver neither repeats a generation nor (but for a 1 in 2^32 chance) a token.
+        start_ns = time.time_ns()
+        self.acquisition = (start_ns // 1000) & 0xFFFF_FFFF
+        self._generation = start_ns
 
     # --- the hot path -------------------------------------------------------------------------------
 
@@ -453,6 +464,7 @@ class UdpReceiver:
                     "by %d packets", self.module_id, self.newest, held[0][0], len(held))
         self.counters.restarts += 1
         self.counters.duplicate_packets += repeats  # copies of packets that are now placed
+        self._new_acquisition()
         if self.current_id is not None:
             self._finish()
         self.newest = None
@@ -494,6 +506,7 @@ class UdpReceiver:
             if image_id <= self._forgotten:
                 log.info("module %d: image ids start again at %d after an idle gap (new acquisition)",
                          self.module_id, image_id)
+                self._new_acquisition()
             self._forgotten = None
         if self.newest is None or image_id > self.newest:
             self.newest = image_id
@@ -505,6 +518,11 @@ class UdpReceiver:
             self.counters.frames_missed += missed
             self.counters.lost_packets += missed * self.n_packets
         self.last_index = index
+
+    def _new_acquisition(self) -> None:
+        """The ids start again: the frames from here on belong to a new acquisition (the assembler restarts
+        its run when every module's does). Called before the first frame of it is finished."""
+        self.acquisition = (self.acquisition + 1) & 0xFFFF_FFFF
 
     def _finish(self) -> None:
         image_id, c = self.current_id, self.counters
@@ -520,8 +538,10 @@ class UdpReceiver:
                     self.current_data[offset:offset + self.stream.packet_payload_bytes(packet)] = 0
         else:
             c.complete_frames += 1
+        self._generation += 1
         frame = ModuleFrame(id=image_id, n_recv_packets=self.n_arrived, n_packets=self.n_packets,
-                            module_id=self.module_id, bit_depth=self.stream.bit_depth, **self.current_fields)
+                            module_id=self.module_id, bit_depth=self.stream.bit_depth,
+                            acquisition=self.acquisition, generation=self._generation, **self.current_fields)
         self.frames.commit_frame(frame)
         try:
             self.push.send(frame.encode(), _DONTWAIT)

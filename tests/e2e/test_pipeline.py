@@ -161,3 +161,29 @@ def test_a_write_on_the_replica_server_equals_the_originals(pipeline_config, pip
     assert stops == sorted(stops), text  # the replica's producer first
     assert "started udp_recv" not in text and "started assembler" not in text
     assert f"removed shared memory: replica-{config.detector_name}-images" in text
+
+
+def test_short_acquisitions_numbered_from_one_each_time_are_all_written(pipeline_config, pipelines, client,
+                                                                        tmp_path):
+    """A step scan on a detector that numbers every acquisition from 1: three acquisitions of 2 images,
+    an idle gap apart (the receivers see the ids start again). A write of 6 asked for before them ends
+    with all 6, every one complete and equal to the pattern of its id, and the assembler drops nothing."""
+    path, config = pipeline_config(n_modules=2, image_pixel_height=1024, stats_interval_s=STATS_INTERVAL_S)
+    pipe = pipelines(path, config)
+    out_file = str(tmp_path / "out" / "scan.h5")
+    request_id = client.send_write(config.detector_name, {"output_file": out_file, "n_images": 6,
+                                                          "user_id": os.getuid(), "run_id": 8})
+    assert client.wait(request_id, timeout_s=20, until="request_start").actions == ["request_start"]
+    time.sleep(0.5)  # the agent forwards images published after its start only
+    for point in range(3):
+        if point:
+            time.sleep(1.5)  # an idle gap: longer than the receivers' 1 s (docs/std_udp_recv.md)
+        assert pipe.simulate("--n-images", "2", "--rate", "100").wait(timeout=20) == 0
+    outcome = client.wait(request_id, timeout_s=20)
+    assert outcome.succeeded, f"{outcome}\n{pipe.log_tail()}"
+    data, ids, statuses = read_file(out_file, config.detector_name)
+    assert ids.tolist() == [1, 2] * 3 and not statuses.any()
+    for image, image_id in zip(data, ids):
+        assert np.array_equal(image, raw_image(config, int(image_id)))
+    assembler = pipe.metrics()["std_assembler"]
+    assert (assembler["images"], assembler["late_frames"], assembler["detector_restarts"]) == (6, 0, 2)

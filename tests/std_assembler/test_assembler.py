@@ -37,20 +37,25 @@ class Rig:
             push.bind(module_frames_address(config, m))
             self.pushes.append(push)
         self.frames = FrameBuffer.for_config(config)
+        self.generation = 0  # as a receiver counts its writes (ModuleFrame.generation)
         self.assembler = Assembler(config)
         self.sub = make_socket(ctx, zmq.SUB, hwm=1000)
         self.sub.connect(image_metadata_address(config))
         time.sleep(0.2)
 
-    def send(self, image_id, module, *, data=None, n_recv=None, pulse_id=0, frame_index=None):
+    def send(self, image_id, module, *, data=None, n_recv=None, pulse_id=0, frame_index=None, push=True):
+        """Write a frame into the FrameBuffer as a receiver does, and (if `push`) send its ModuleFrame."""
         stream = self.config.stream
         slot = self.frames.begin_frame(image_id, module)
         slot[:] = frame_bytes(stream, module, image_id) if data is None else data
+        self.generation += 1
         frame = ModuleFrame(id=image_id, pulse_id=pulse_id, frame_index=image_id if frame_index is None else frame_index,
                             n_recv_packets=stream.packets_per_frame if n_recv is None else n_recv,
-                            n_packets=stream.packets_per_frame, module_id=module, bit_depth=stream.bit_depth)
+                            n_packets=stream.packets_per_frame, module_id=module, bit_depth=stream.bit_depth,
+                            generation=self.generation)
         self.frames.commit_frame(frame)
-        self.pushes[module].send(frame.encode())
+        if push:
+            self.pushes[module].send(frame.encode())
 
     def send_image(self, image_id, modules=None):
         for m in (range(self.config.n_modules) if modules is None else modules):
@@ -438,6 +443,25 @@ def test_an_image_whose_frame_was_overwritten_before_it_was_read_is_incomplete(r
         image = r.image(metas[0])
         assert not image[512:].any() and np.array_equal(image[:512], raw_image(r.config, 1)[:512])
         assert (c.images_dropped, c.images_missing_module) == (0, 1)
+
+
+@pytest.mark.parametrize("geometry", ["gigafrost", "eiger16"])
+def test_a_frame_of_the_same_id_from_a_later_acquisition_is_never_taken_for_the_announced_one(rig, geometry):
+    """Image 5 of acquisition A is announced by every module; before the assembler reads it, module 1's
+    receiver has begun acquisition B (ids from 1 again) and written B's own frame 5 into the slot. The id
+    matches, the generation does not: module 1 counts as overwritten (status 3, its area zero), and not one
+    pixel of B's frame reaches image 5 of A. Gigafrost takes the whole-slot path, Eiger the per-module one."""
+    r = rig(frame_buffer_slots=8, assembler={"sync_timeout_s": 5.0}, **GEOMETRIES[geometry])
+    assert r.assembler._whole_slots == (geometry == "gigafrost")
+    r.send_image(5)
+    r.send(5, 1, data=np.full(r.config.stream.frame_bytes, 0xAB, np.uint8), push=False)  # B's frame 5
+    metas = r.run(1, timeout_s=2.0)
+    c = r.assembler.counters
+    assert [(m.id, m.status) for m in metas] == [(5, 3)]
+    assert c.frames_overwritten == 1 and c.images_missing_module == 1
+    expected = gigafrost_expected(r.config, 5) if geometry == "gigafrost" else raw_image(r.config, 5)
+    r.assembler.placer.zero(expected, 1)
+    assert np.array_equal(r.image(metas[0]), expected)  # the others as A sent them, module 1's area zero
 
 
 def test_startup_offset_and_detector_restart_do_not_stop_the_pipeline(rig):

@@ -17,6 +17,7 @@ class Feed:
         self.sync = Synchronizer(n_modules, TIMEOUT, max_pending, restart_jump=SLOTS)
         self.now = 0.0
         self.out = []
+        self.acquisition = [0] * n_modules  # each module's receiver's token (ModuleFrame.acquisition)
 
     def frame(self, module, image_id):
         """One frame as a read round of its own."""
@@ -25,12 +26,18 @@ class Feed:
     def read_round(self, frames):
         """(module, id) pairs read in one round: the limits on waiting images apply after the last."""
         for module, image_id in frames:
-            self.out += self.sync.add(ModuleFrame(id=image_id, module_id=module), self.now)
+            frame = ModuleFrame(id=image_id, module_id=module, acquisition=self.acquisition[module])
+            self.out += self.sync.add(frame, self.now)
         self.out += self.sync.release_overdue()
 
     def image(self, image_id, modules=(0, 1)):
         for m in modules:
             self.frame(m, image_id)
+
+    def new_acquisition(self, modules=(0, 1)):
+        """The modules' receivers saw their ids start again."""
+        for m in modules:
+            self.acquisition[m] += 1
 
     def wait(self, seconds):
         self.now += seconds
@@ -297,3 +304,59 @@ def test_every_release_rule_publishes_a_run_in_rising_id_order():
         f.frame(1, i)
     f.wait(2 * TIMEOUT)
     _assert_in_order_once(f, [5, 10, 11, 12, 13, 14, 15, 20])
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 0.2, 2 * TIMEOUT], ids=["back-to-back", "short-gap", "long-gap"])
+@pytest.mark.parametrize("length", [1, 2, 3, 4])
+def test_acquisitions_of_any_length_numbered_from_one_each_time_are_all_published(length, gap_s):
+    f = Feed()
+    for a in range(5):
+        if a:
+            f.wait(gap_s)
+            f.new_acquisition()
+        for i in range(1, length + 1):
+            f.image(i)
+    assert f.released() == [(i, ()) for _ in range(5) for i in range(1, length + 1)]
+    assert [r.reason for r in f.out] == ["complete"] * 5 * length
+    assert f.sync.late_frames == 0 and f.sync.detector_restarts == 4 and f.sync.pending == {}
+
+
+def test_a_module_a_whole_acquisition_ahead_of_the_others_is_followed_in_order():
+    # Module 0's stream is read three acquisitions ahead of module 1's (a backlog): its later acquisitions
+    # wait (parked) until module 1 has followed, and no two acquisitions' frames of one id are mixed.
+    f = Feed()
+    f.read_round([(0, 1), (1, 1)])
+    f.read_round([(0, 2)])
+    for _ in range(2):
+        f.new_acquisition(modules=(0,))
+        f.read_round([(0, 1), (0, 2)])
+    assert f.released() == [(1, ())]
+    f.read_round([(1, 2)])
+    for _ in range(2):
+        f.new_acquisition(modules=(1,))
+        f.read_round([(1, 1), (1, 2)])
+    assert f.released() == [(1, ()), (2, ())] * 3
+    assert all(r.reason == "complete" for r in f.out)
+    assert all({fr.acquisition for fr in r.frames.values()} == {k // 2} for k, r in enumerate(f.out))
+    assert f.sync.late_frames == 0 and f.sync.detector_restarts == 2
+
+
+def test_a_new_acquisition_token_with_rising_ids_is_no_restart():
+    # A restarted receiver, or an idle gap within an acquisition whose ids go on (Jungfrau): carry on.
+    f = Feed()
+    f.image(10)
+    f.new_acquisition(modules=(0,))
+    f.image(11)
+    f.new_acquisition()
+    f.image(12)
+    assert f.released() == [(10, ()), (11, ()), (12, ())]
+    assert f.sync.module_restarts == 0 and f.sync.detector_restarts == 0
+
+
+def test_a_late_duplicate_of_the_same_acquisition_is_still_late():
+    f = Feed()
+    f.image(1)
+    f.image(2)
+    f.frame(0, 2)  # same token: a duplicate, not a restart
+    assert f.sync.late_frames == 1 and f.sync.module_restarts == 0
+    assert f.released() == [(1, ()), (2, ())]

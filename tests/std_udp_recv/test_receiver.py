@@ -310,7 +310,11 @@ def test_a_small_jump_back_is_late_and_a_repeated_one_is_a_restart(rig):
     r.send(1, 2)
     _poll_until(receiver, first + 2)
     assert (c.restarts, c.complete_frames, c.lost_packets) == (1, first + 2, 0)
-    assert [f.id for f in r.pushed(0)][-3:] == [first, 1, 2]
+    pushed = r.pushed(0)
+    assert [f.id for f in pushed][-3:] == [first, 1, 2]
+    # The restart is a new acquisition for the assembler: a new token from the first frame of it on.
+    assert len({f.acquisition for f in pushed[:-2]}) == 1 and {f.acquisition for f in pushed[-2:]} == \
+        {(pushed[0].acquisition + 1) & 0xFFFF_FFFF}
     assert np.array_equal(receiver.frames.frame_data(1, 0), frame_bytes(r.config.stream, 0, 1))
 
 
@@ -440,7 +444,16 @@ def test_an_acquisition_that_reuses_recent_ids_at_once_is_followed_as_a_restart(
         c = receiver.counters
         assert (c.frames, c.complete_frames, c.restarts) == (10, 10, 1)
         assert (c.lost_packets, c.late_packets, c.frames_missed, c.malformed_packets) == (0, 0, 0, 0)
-        assert [f.id for f in r.pushed(m)] == [1, 2, 3, 4, 5] * 2
+        pushed = r.pushed(m)
+        assert [f.id for f in pushed] == [1, 2, 3, 4, 5] * 2
+        assert len({f.acquisition for f in pushed[:5]}) == 1 and len({f.acquisition for f in pushed[5:]}) == 1
+        assert pushed[5].acquisition != pushed[0].acquisition
+        # Every write of a slot has its own generation, and the slot holds the last one.
+        generations = [f.generation for f in pushed]
+        assert generations == sorted(set(generations))
+        for frame in pushed[5:]:
+            assert receiver.frames.holds(frame.id, m, frame.generation)
+            assert not receiver.frames.holds(frame.id, m, pushed[frame.id - 1].generation)
         for image_id in range(1, 6):
             assert np.array_equal(receiver.frames.frame_data(image_id, m), frame_bytes(stream, m, image_id))
 
@@ -475,7 +488,24 @@ def test_after_an_idle_gap_recent_ids_open_frames_at_once(rig):
     _poll_until(receiver, 6)
     c = receiver.counters
     assert (c.frames, c.complete_frames, c.restarts, c.late_packets, c.lost_packets) == (6, 6, 0, 0, 0)
-    assert [f.id for f in r.pushed(0)] == [1, 2, 3, 1, 2, 3]
+    pushed = r.pushed(0)
+    assert [f.id for f in pushed] == [1, 2, 3, 1, 2, 3]
+    assert [f.acquisition - pushed[0].acquisition for f in pushed] == [0, 0, 0, 1, 1, 1]  # ids started again
+
+
+def test_after_an_idle_gap_rising_ids_keep_the_acquisition_token(rig):
+    # A Jungfrau's frame numbers go on across acquisitions: nothing starts again, nothing to restart.
+    r = rig("eiger16", modules=[0], udp_recv={"frame_timeout_s": 0.05})
+    receiver = r.receivers[0]
+    receiver._forget_after_s = 0.3
+    r.send(1, 2, 3)
+    _poll_until(receiver, 3)
+    deadline = time.monotonic() + 5
+    while receiver.newest is not None and time.monotonic() < deadline:
+        receiver.poll(0.05)
+    r.send(4, 5)
+    _poll_until(receiver, 5)
+    assert len({f.acquisition for f in r.pushed(0)}) == 1
 
 
 def test_recv_into_fallback_gives_the_same_frames(rig):
