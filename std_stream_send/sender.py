@@ -7,7 +7,9 @@ Replica stream (PUSH, connected to std_stream_recv's bound PULL), two kinds of m
 - verdicts (core_buffer.formats.Verdict), once ZMQ has let go of those bytes: per image its id and
   whether the slot still held that image after its bytes went out, the verdicts of all images released at
   once in one message. The replica publishes an image only after a good verdict, so a slot the assembler
-  overwrote while it was on its way is never taken for the image.
+  overwrote while it was on its way is never taken for the image. "Still held" is the slot's id and its
+  sequence number (user_1) both: an image of the same id written later (another acquisition that
+  numbered its images from 1 again) is not the image announced.
 Why not one message with the verdict as its last frame: a multipart message leaves only once its last
 frame is queued, so that frame cannot wait for its own data to have been read; the old way, copying the
 image into the message first, cost a second full copy per image (about half the time the sender spent).
@@ -125,7 +127,7 @@ class StreamSender:
             self.data = make_socket(context, zmq.PUSH, hwm=settings.queue_images + VERDICT_ROOM, linger_ms=1000)
             self.data.connect(settings.to)
         # Images whose bytes ZMQ may still read from their slot, oldest first: (id, bytes).
-        self.on_the_way: collections.deque[tuple[int, int]] = collections.deque()
+        self.on_the_way: collections.deque[tuple[int, int, int]] = collections.deque()  # (id, bytes, sequence)
         # Markers on their way, oldest first: (images queued up to and including it, weak reference to its
         # data). Once one is released (the reference dead), ZMQ is done with those images too.
         self.markers: collections.deque[tuple[int, weakref.ref]] = collections.deque()
@@ -194,8 +196,8 @@ class StreamSender:
         if to_replica:
             self._send_replica(to_replica)
 
-    def _on_image(self, encoded: bytes) -> tuple[int, int, bytes] | None:
-        """Checks and counts one image, sends its preview if due; (id, bytes, header) to send on."""
+    def _on_image(self, encoded: bytes) -> tuple[int, int, bytes, int] | None:
+        """Checks and counts one image, sends its preview if due; (id, bytes, header, sequence) to send on."""
         # The fields the hot path needs straight from the struct: ImageMetadata.decode costs as much as
         # everything else the sender does per image; it runs only where the whole message is needed.
         c = self.counters
@@ -219,9 +221,9 @@ class StreamSender:
             return
         if self.live is not None and self._live_due(sequence):
             self._send_live(ImageMetadata.decode(encoded), n)
-        return image_id, n, encoded
+        return image_id, n, encoded, sequence
 
-    def _send_replica(self, images: list[tuple[int, int, bytes]]) -> None:
+    def _send_replica(self, images: list[tuple[int, int, bytes, int]]) -> None:
         c = self.counters
         queue_images = self.settings.queue_images
         if len(self.on_the_way) + len(images) > queue_images:
@@ -231,12 +233,12 @@ class StreamSender:
         for image in images:
             if len(sending) >= room:
                 c.images_dropped += 1  # a slow replica, or none connected
-            elif not self.images.still_holds(image[0]):
+            elif not self.images.holds(image[0], image[3]):
                 c.images_lost += 1  # overwritten before we got to it
             else:
                 sending.append(image)
         last = len(sending) - 1
-        for i, (image_id, n, encoded) in enumerate(sending):
+        for i, (image_id, n, encoded, sequence) in enumerate(sending):
             try:
                 self.data.send(encoded, HEADER_FLAGS)
             except zmq.Again:
@@ -245,7 +247,7 @@ class StreamSender:
             # Once the first frame is queued, the rest of the message is too (ZMQ checks the high-water mark
             # per message). Zero-copy: the slot stays in use until a marker behind it is released.
             self.n_queued += 1
-            self.on_the_way.append((image_id, n))
+            self.on_the_way.append((image_id, n, sequence))
             if i < last and n == self.image_bytes and self.n_queued - self.n_marked < self.mark_every:
                 self.data.send(self.slot_frames[self.images.slot_of(image_id)], copy=False)
             else:
@@ -271,8 +273,8 @@ class StreamSender:
         while self.markers and self.markers[0][1]() is None:
             upto, _ = self.markers.popleft()
             for _ in range(upto - self.n_released):
-                image_id, n = self.on_the_way.popleft()
-                if self.images.still_holds(image_id):
+                image_id, n, sequence = self.on_the_way.popleft()
+                if self.images.holds(image_id, sequence):
                     released.append(VERDICT.pack(image_id, Verdict.INTACT))
                     c.images_sent += 1
                     c.bytes_sent += n
@@ -310,7 +312,7 @@ class StreamSender:
     def _send_live(self, meta: ImageMetadata, n: int) -> None:
         buf = self.live_buffer[:n]
         try:
-            self.images.copy_image(meta.id, buf)  # a copy: the preview must not hold a slot for a slow viewer
+            self.images.copy_image(meta.id, buf, meta.user_1)  # a copy: the preview must not hold a slot
         except ImageLostError:
             self.counters.images_lost += 1
             return

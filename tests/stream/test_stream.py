@@ -188,6 +188,34 @@ def test_an_image_overwritten_on_its_way_is_dropped_by_the_replica_and_counted_o
     assert not sub.poll(100)
 
 
+@pytest.mark.parametrize("when", ["before-sending", "on-its-way"])
+def test_an_image_of_the_same_id_from_a_later_acquisition_is_never_replicated_as_the_announced_one(
+        source_and_replica, replicate, when):
+    """Image 1 of acquisition A is announced; acquisition B numbers from 1 again and writes its own image 1
+    (other pixels, the next sequence number) into the slot, before the sender takes A's image or while its
+    bytes are on their way. The id alone matches; the sequence number does not: lost, never replicated."""
+    source, replica, _ = source_and_replica
+    rep = replicate(source, replica)
+    producer, sender, receiver, sub = rep.producer, rep.sender, rep.receiver, rep.sub
+    image_id = producer.publish()
+    assert sender.sub.poll(5000)
+
+    def acquisition_b_writes_its_image_1():
+        producer.images.begin_image(image_id)[:] = 0xAB
+        producer.images.commit_image(ImageMetadata(image_id, *source.image_shape, user_1=producer.sequence + 1))
+
+    if when == "before-sending":
+        acquisition_b_writes_its_image_1()
+        poll_until([sender], lambda: sender.counters.images == 1)
+    else:
+        sender._on_images([sender.sub.recv()])  # queued: its bytes are read from the slot later
+        acquisition_b_writes_its_image_1()
+        poll_until([sender, receiver], lambda: receiver.counters.torn_images == 1)
+    poll_until([sender, receiver], lambda: not sender.on_the_way)
+    assert (sender.counters.images_lost, sender.counters.images_sent) == (1, 0)
+    assert receiver.counters.images == 0 and not sub.poll(200)
+
+
 def test_a_stopping_sender_still_sends_the_verdicts_of_the_images_on_their_way(source_and_replica, replicate):
     source, replica, _ = source_and_replica
     rep = replicate(source, replica)
