@@ -187,6 +187,7 @@ class Job:
         self.n_written = 0
         self.n_lost = 0
         self.killed = False
+        self.stop_owed = False  # a stop is due and could not be queued yet (_send_stop)
         self.failure: str | None = None  # set when the agent itself ends the write early
 
 
@@ -404,17 +405,25 @@ class WriterAgent:
         job.last_writer_news = job.last_image = time.monotonic()
 
     def _send_stop(self, job: Job) -> None:
-        if job.state == Job.STOPPING:
+        """A start that went out gets exactly one stop. One that cannot be queued (the writer's queue is full,
+        or no writer is connected: gone, or not reconnected yet to a recovering agent) is owed, and sent
+        again each turn until it goes out or the request ends; meanwhile no more images go out."""
+        if job.state == Job.STOPPING and not job.stop_owed:
             return
-        if job.state in (Job.WRITING, Job.RECOVERING):  # a start went out: it gets exactly one stop
+        if job.state != Job.STARTING:
             r = job.request
             try:
                 self.store.send(StoreStream(StoreOp.STOP, job.forwarded, r.n_images, r.user_id, r.run_id).encode(),
                                 zmq.NOBLOCK)
             except zmq.Again:
-                if job.state == Job.RECOVERING:
-                    return  # the writer has not reconnected to this new agent yet: tried again next turn
-                # otherwise the writer is gone; a restarted writer has no open run to stop
+                # A live writer with a full queue still reports "writing", which keeps the request from
+                # timing out: without the stop it would never end. (A stop that reaches a restarted writer,
+                # which has no open run, is ignored there.)
+                job.stop_owed = True
+                if job.state == Job.WRITING:
+                    job.state = Job.STOPPING
+                return
+        job.stop_owed = False
         job.state = Job.STOPPING
 
     def _serve_job(self, timeout_s: float) -> None:
@@ -422,7 +431,7 @@ class WriterAgent:
         if job.state == Job.STARTING:
             self._discard_images(job)  # right before the start: what comes after it is what gets written
             self._send_start(job)
-        if job.state == Job.RECOVERING:
+        if job.state == Job.RECOVERING or job.stop_owed:
             self._send_stop(job)
         poller = zmq.Poller()
         poller.register(self.wake, zmq.POLLIN)
@@ -624,6 +633,8 @@ class WriterAgent:
             self._send_stop(job)
             deadline = time.monotonic() + STOP_GRACE_S
             while self.job is job and time.monotonic() < deadline:
+                if job.stop_owed:
+                    self._send_stop(job)
                 if self.writer_status.poll(100):
                     self._read_writer_statuses()
             if self.job is job:
