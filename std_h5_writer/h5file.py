@@ -139,11 +139,10 @@ class OutputRemovedError(OSError):
     """The file is no longer at its path (it, or its directory, was removed or replaced while open)."""
 
 
-def _create(path: str, output_dirs: tuple[str, ...], mode: int, overwrite: bool, uid: int | None,
-            **fapl) -> h5py.File:
-    """A new HDF5 file at `path` with exactly `mode` and owner `uid`.
+def _create(name: str, dir_fd: int, mode: int, overwrite: bool, uid: int | None, **fapl) -> h5py.File:
+    """A new HDF5 file `name` in the directory `dir_fd` with exactly `mode` and owner `uid`.
 
-    The directory is reached from the allowed directory without following links and pinned by a
+    The directory was reached from the allowed directory without following links and is pinned by its
     descriptor (core_buffer.output.open_output_directory), and HDF5 creates the file inside it through
     /proc/self/fd with O_CREAT|O_EXCL ("x"): a directory or name swapped for a symlink after the path was
     checked is refused, never followed. Never by truncating an existing file either, which matters for
@@ -152,34 +151,44 @@ def _create(path: str, output_dirs: tuple[str, ...], mode: int, overwrite: bool,
     existing file (overwrite on) is unlinked first, so a reader that has it open keeps the old data. The
     umask is set for the call so the file never exists with wider permissions than `mode`; only this (the
     writer's main) thread creates files."""
-    name = os.path.basename(path)
-    dir_fd = open_output_directory(path, output_dirs)
+    if overwrite:
+        try:
+            if not stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+    old_umask = os.umask(0o777 & ~mode)
     try:
-        if overwrite:
-            try:
-                if not stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
-                    os.unlink(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            f = h5py.File(f"/proc/self/fd/{dir_fd}/{name}", "x", **fapl)
-        finally:
-            os.umask(old_umask)
-        try:
-            fd = f.id.get_vfd_handle()
-            os.fchmod(fd, mode)
-            if uid is not None:
-                import pwd
-
-                os.fchown(fd, uid, pwd.getpwuid(uid).pw_gid)
-        except BaseException:
-            f.close()
-            os.unlink(name, dir_fd=dir_fd)
-            raise
+        f = h5py.File(f"/proc/self/fd/{dir_fd}/{name}", "x", **fapl)
     finally:
-        os.close(dir_fd)
+        os.umask(old_umask)
+    try:
+        fd = f.id.get_vfd_handle()
+        os.fchmod(fd, mode)
+        if uid is not None:
+            import pwd
+
+            os.fchown(fd, uid, pwd.getpwuid(uid).pw_gid)
+    except BaseException:
+        f.close()
+        os.unlink(name, dir_fd=dir_fd)
+        raise
     return f
+
+
+def _unlink_made(name: str, dir_fd: int, identity: tuple[int, int]) -> None:
+    """Remove the half-made file `name` from the directory it was created in (`dir_fd`), if that name
+    still is the file (device and inode `identity`): never by path, where a directory on the way swapped
+    for a symlink since would have a root writer remove a file of the same name elsewhere and leave this
+    one; nor a file someone put in its place."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(name, dir_fd=dir_fd)
+            return
+    except FileNotFoundError:
+        pass
+    log.warning("the half-made file %s was moved or removed meanwhile; not removed", name)
 
 
 class OutputFile:
@@ -204,33 +213,41 @@ class OutputFile:
         fapl = {} if self.compressed else {"alignment_threshold": CHUNK_ALIGNMENT,
                                            "alignment_interval": CHUNK_ALIGNMENT,
                                            "meta_block_size": CHUNK_ALIGNMENT}
-        # The default (earliest) file format on purpose: it has no "open for writing" flag in the
-        # superblock, so a file whose writer was killed opens as it was at its last flush (the latest
-        # format would refuse it until `h5clear -s`).
-        self.file = _create(path, config.output_dirs, mode, overwrite, uid, **fapl)
-        self.fd = self.file.id.get_vfd_handle()
-        created = os.fstat(self.fd)
-        self.identity = (created.st_dev, created.st_ino)
         # Room kept free for closing the file (per-image columns, attributes, HDF5's metadata): a file
         # system that runs full inside HDF5's own metadata writes leaves the file unclosable (and h5py
         # crashes the process when it finalises it), so a run stops before that, with ENOSPC of its own.
         self.reserve_bytes = SPACE_RESERVE_BYTES + 64 * n_images
         self.room_unchecked = 0
+        # The directory stays open until the file is complete: a failure before that removes the
+        # half-made file from the very directory it was created in (_unlink_made).
+        name = os.path.basename(path)
+        dir_fd = open_output_directory(path, config.output_dirs)
         try:
-            self._layout(config, request, compression)
-            # The layout reaches the file now, not at the first periodic flush: a writer killed before
-            # that one leaves a file of no rows that opens (and is marked interrupted on restart), where
-            # it left a superblock only ("truncated file": HDF5 keeps new metadata in memory until a flush).
-            # ~0.2 ms a file. The flush also extends the file to its allocated size (the preallocated
-            # chunks, as holes): a run longer than the file size limit is refused here ("File too large").
-            self.file.flush()
-        except BaseException:
+            # The default (earliest) file format on purpose: it has no "open for writing" flag in the
+            # superblock, so a file whose writer was killed opens as it was at its last flush (the latest
+            # format would refuse it until `h5clear -s`).
+            self.file = _create(name, dir_fd, mode, overwrite, uid, **fapl)
+            self.fd = self.file.id.get_vfd_handle()
+            created = os.fstat(self.fd)
+            self.identity = (created.st_dev, created.st_ino)
             try:
-                self.file.close()
-            except Exception as exc:  # noqa: BLE001 - a metadata write failed (EFBIG, ENOSPC): HDF5 cannot close it
-                keep_unclosable(self.file, path, exc)
-            os.unlink(path)
-            raise
+                self._layout(config, request, compression)
+                # The layout reaches the file now, not at the first periodic flush: a writer killed before
+                # that one leaves a file of no rows that opens (and is marked interrupted on restart), where
+                # it left a superblock only ("truncated file": HDF5 keeps new metadata in memory until a
+                # flush). ~0.2 ms a file. The flush also extends the file to its allocated size (the
+                # preallocated chunks, as holes): a run longer than the file size limit is refused here
+                # ("File too large").
+                self.file.flush()
+            except BaseException:
+                try:
+                    self.file.close()
+                except Exception as exc:  # noqa: BLE001 - a metadata write failed (EFBIG, ENOSPC): HDF5 cannot close it
+                    keep_unclosable(self.file, path, exc)
+                _unlink_made(name, dir_fd, self.identity)
+                raise
+        finally:
+            os.close(dir_fd)
         self.n_slots = 0  # rows accounted for (written, lost or rejected): the length the file is trimmed to
         self.n_written = 0
         self.n_lost = 0

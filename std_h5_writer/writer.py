@@ -7,12 +7,14 @@ and the requested owner, and report `writing`. A start while a file is open clos
 interrupted (its run gets a failed status saying so). Every start gets a final status.
 write: check the slot's metadata (shape, dtype, encoding), then write the image as one chunk straight
 from its ImageBuffer slot (uncompressed), or compress it from the slot and write the chunk, or, for a
-slot that already holds a bitshuffle-LZ4 chunk, write that chunk as it is. The slot's id is checked
-before and after; an image that is gone or was overwritten meanwhile is recorded with status 4 (lost)
-and its row holds zeros, never another image's pixels; a slot that is not an image of this file is
-recorded with status 5 (rejected).
+slot that already holds a bitshuffle-LZ4 chunk, write that chunk as it is. The slot's id and sequence
+number (ImageMetadata.user_1, which the write message carries as the producer published it) are checked
+before and after: an image that is gone or was overwritten meanwhile, also by another acquisition's image
+with the same id, is recorded with status 4 (lost) and its row holds zeros, never another image's pixels;
+a slot that is not an image of this file is recorded with status 5 (rejected).
 stop: trim to the images accounted for, close, report `finished` (or `failed` after an I/O error).
-Statuses go out at start, every `writer.status_interval_s` while writing, and at the end. The file is
+Statuses go out at start, every `writer.status_interval_s` while writing (on time however many writes
+are queued: the loops that work through a backlog watch the clock), and at the end. The file is
 flushed when it is made and every `writer.flush_interval_s`, so after a crash (kill -9) it is readable up
 to the last flush, with `state` "writing"; the writer keeps a record of the file it has open
 (open_files.py), and the next writer of the detector, at its start, marks such a file "interrupted",
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import struct
 import time
@@ -57,10 +60,11 @@ COMPRESSIONS = ("none", "bitshuffle-lz4")
 WRITE_BATCH = 256
 VECTOR_MIN_WRITES = 8  # from this many queued writes on, they are done as a batch (_write_queued)
 PENDING_POLL_S = 0.001  # poll timeout while compressed images are in flight: their results go out at once
-# The fields of a StoreStream that a write needs (op, i_image, run_id, the image's id), read with one
-# struct call: StoreStream.decode builds two dataclasses and checks every field (12 us a message, 4% of
-# the time an image may take at 3 GB/s); the slot's own metadata is read and checked anyway.
-WRITE_FIELDS = struct.Struct("<II8xQ8xQ")
+# The fields of a StoreStream that a write needs (op, i_image, run_id, the image's id and sequence number
+# user_1), read with one struct call: StoreStream.decode builds two dataclasses and checks every field
+# (12 us a message, 4% of the time an image may take at 3 GB/s); the slot's own metadata is read and
+# checked anyway.
+WRITE_FIELDS = struct.Struct("<II8xQ8xQ24xQ")
 
 
 class WriterSettings:
@@ -125,12 +129,17 @@ class H5Writer:
             self.n_slots = self.images.layout.n_slots
             self.slot_metas = self.images.all_metas()
             self.slot_ids = self.slot_metas["id"]
+            self.slot_sequences = self.slot_metas["user_1"]
             self.slot_bytes = [memoryview(self.images.slot_data(slot)[:self.image_bytes])
                                for slot in range(self.n_slots)]
             self.dtype_code = int(Dtype.from_numpy(self.dtype))
-            # Writes received and not done yet (_write_queued): their rows and image ids.
+            # Writes received and not done yet (_write_queued): their rows, image ids and sequence numbers.
             self.queued_rows: list[int] = []
             self.queued_ids: list[int] = []
+            self.queued_sequences: list[int] = []
+            # When _periodic must run at the latest (the `writing` status, a flush): the loops that work
+            # through a backlog of writes watch it, so a slow disk delays no status (docs/std_h5_writer.md).
+            self.periodic_due = math.inf
             self.compressed = self.settings.compression == "bitshuffle-lz4"
             self.compressor: Bitshuffle | None = None
             self.pool: ThreadPoolExecutor | None = None
@@ -186,27 +195,33 @@ class H5Writer:
 
     def poll(self, timeout_s: float) -> None:
         if self.pull.poll((PENDING_POLL_S if self.pending else timeout_s) * 1000):
+            clock = time.monotonic
             for _ in range(1000):
                 try:
                     parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
                 self._on_message(parts)
+                # A write can take milliseconds (compressing, a slow disk): a backlog of them must not hold
+                # the status back (1000 of them took longer than writer_agent waits for a status).
+                if clock() >= self.periodic_due:
+                    self._periodic()
             self._write_queued()
         self._drain(block=False)
         self._periodic()
 
     def _on_message(self, parts: list[bytes]) -> None:
         if len(parts[0]) == StoreStream.SIZE:
-            op, i, run_id, image_id = WRITE_FIELDS.unpack_from(parts[0])
+            op, i, run_id, image_id, sequence = WRITE_FIELDS.unpack_from(parts[0])
             if op == StoreOp.WRITE:
                 if self.run is None or run_id != self.run.run_id:
                     self.counters.stray_messages += 1
                 elif self.compressed:
-                    self._write(i, image_id)
+                    self._write(i, image_id, sequence)
                 else:
                     self.queued_rows.append(i)
                     self.queued_ids.append(image_id)
+                    self.queued_sequences.append(sequence)
                     if len(self.queued_rows) >= WRITE_BATCH:
                         self._write_queued()
                 return
@@ -222,7 +237,7 @@ class H5Writer:
         elif self.run is None or message.run_id != self.run.run_id:
             self.counters.stray_messages += 1  # a write or stop for a run that is not open
         elif message.op == StoreOp.WRITE:
-            self._write(message.i_image, message.image.id)
+            self._write(message.i_image, message.image.id, message.image.user_1)
         else:
             self._stop()
 
@@ -270,6 +285,7 @@ class H5Writer:
         self.counters.writing = 1
         log.info("run %d: writing %d images to %s", run.run_id, run.n_images, run.output_file)
         self._send_status(run, WriterState.WRITING)
+        self.periodic_due = run.last_status + self.settings.status_interval_s
 
     def _owner(self, user_id: int) -> int | None:
         """The uid to own the file: None = the writer's own. user_id 0 means "not given"."""
@@ -310,15 +326,18 @@ class H5Writer:
 
     # --- images ---------------------------------------------------------------------------------------
 
-    def _write(self, i: int, image_id: int) -> None:
+    def _write(self, i: int, image_id: int, sequence: int) -> None:
+        """Write row `i` from the slot of `image_id`, if it holds the very image published with `sequence`
+        (user_1): the same id alone may be another acquisition's image (the detector numbers from 1 again
+        at every start), and a slot that holds another image is the lost path, as an overwritten one."""
         run = self.run
         if not 0 <= i < run.n_images:
             self.counters.stray_messages += 1
             return
         try:
-            meta = self._slot_meta(image_id)  # the slot's own metadata, not the message's copy
+            meta = self._slot_meta(image_id, sequence)  # the slot's own metadata, not the message's copy
             problem = self._rejection(meta)
-            if problem and not self.images.still_holds(image_id):
+            if problem and not self.images.holds(image_id, sequence):
                 raise ImageLostError(image_id, self.images.slot_id(self.images.slot_of(image_id)))
             if problem:
                 self._reject(run.file, i, meta, problem)
@@ -329,7 +348,8 @@ class H5Writer:
             elif self.compressor is not None:
                 self._compress(run.file, i, meta)
             else:
-                self.images.copy_image(image_id, self.buffer)  # HDF5's filter reads it: a private copy
+                # HDF5's filter reads it: a private copy, checked after the copy (id, then sequence)
+                self.images.copy_image(image_id, self.buffer, sequence)
                 run.file.write_pixels(i, self.buffer)
                 self._written(run.file, i, meta, self._frame_fields(image_id))
         except ImageLostError:
@@ -341,41 +361,56 @@ class H5Writer:
 
     def _write_queued(self) -> None:
         """Do the queued writes of an uncompressed run: the hot path. A few go through _write one by one;
-        more are done in phases over the whole batch, with numpy for the bookkeeping: check the slots'
-        metadata, write the images (one pwrite each and nothing else in between), check the slots still
-        hold them, record them. At 1 MiB an image each microsecond per image is 0.4% of the writer's
-        speed, and Python run between two 1 MiB copies runs from cold caches: 1000 images took 245 ms this
-        way against 259 ms one by one (in-process, with ZMQ; docs/std_h5_writer.md)."""
-        rows, ids = self.queued_rows, self.queued_ids
-        if not rows:
-            return
-        self.queued_rows, self.queued_ids = [], []
+        more are done in batches (_write_batch). A batch stops when _periodic is due and the rest waits
+        for the next one: at 1 MiB and 100 MB/s a batch of 256 takes 2.6 s, and a status that waits for a
+        backlog of such batches is one writer_agent takes for a dead writer."""
+        while self.queued_rows:
+            self._write_batch()
+            if time.monotonic() >= self.periodic_due:
+                self._periodic()
+
+    def _write_batch(self) -> None:
+        """Do queued writes in phases over the whole batch, with numpy for the bookkeeping: check the slots'
+        metadata, write the images (one pwrite each and nothing else in between but the check that the slot
+        still holds its image, and a look at the clock), record them. At 1 MiB an image each microsecond
+        per image is 0.4% of the writer's speed, and Python run between two 1 MiB copies runs from cold
+        caches: 1000 images took 245 ms this way against 259 ms one by one (in-process, with ZMQ;
+        docs/std_h5_writer.md). The writes not done when _periodic is due are queued again."""
+        rows, ids, sequences = self.queued_rows, self.queued_ids, self.queued_sequences
+        self.queued_rows, self.queued_ids, self.queued_sequences = [], [], []
         run = self.run
         if run is None:
             return
         if len(rows) < VECTOR_MIN_WRITES:
-            for i, image_id in zip(rows, ids):
-                self._write(i, image_id)
+            for i, image_id, sequence in zip(rows, ids, sequences):
+                self._write(i, image_id, sequence)
                 if self.run is not run:
                     return  # it failed the run
             return
         f = run.file
         rows_a, ids_a = np.array(rows, np.int64), np.array(ids, np.uint64)
+        sequences_a = np.array(sequences, np.uint64)
         slots = ids_a % np.uint64(self.n_slots)
         metas = self.slot_metas[slots]  # a copy: what the slots held before the writes
-        good = ((metas["id"] == ids_a) & (metas["height"] == self.shape[0]) & (metas["width"] == self.shape[1])
-                & (metas["dtype"] == self.dtype_code) & (metas["encoding"] == Encoding.RAW)
-                & (rows_a < run.n_images))
+        good = ((metas["id"] == ids_a) & (metas["user_1"] == sequences_a) & (metas["height"] == self.shape[0])
+                & (metas["width"] == self.shape[1]) & (metas["dtype"] == self.dtype_code)
+                & (metas["encoding"] == Encoding.RAW) & (rows_a < run.n_images))
         if not good.all():
             for k in np.flatnonzero(~good).tolist():
-                self._write(rows[k], ids[k])  # the general path says what is wrong with it
+                self._write(rows[k], ids[k], sequences[k])  # the general path says what is wrong with it
                 if self.run is not run:
                     return
-            rows_a, ids_a, slots, metas = rows_a[good], ids_a[good], slots[good], metas[good]
-        pulse_ids, daq_recs = self._frame_fields_of(f, ids_a)
-        slot_bytes, slot_ids, written, error = self.slot_bytes, self.slot_ids, 0, None
+            rows_a, ids_a, sequences_a, slots, metas = (rows_a[good], ids_a[good], sequences_a[good], slots[good],
+                                                        metas[good])
+        pulse_ids, daq_recs, no_frame = self._frame_fields_of(f, ids_a)
+        slot_bytes, slot_ids, slot_sequences = self.slot_bytes, self.slot_ids, self.slot_sequences
+        written, error = 0, None
+        clock, due = time.monotonic, self.periodic_due
         # Whether each slot still held its image right after the image was written: checked at once, not
-        # after the whole batch, so that a slot reused after its image was safely out does not count.
+        # after the whole batch, so that a slot reused after its image was safely out does not count. The
+        # id first, then the sequence number (as ImageBuffer.holds): a producer stores an image's user_1
+        # before its id, so a matching id read first and a matching user_1 read after it prove the slot
+        # held this very image, not one of the same id that another acquisition committed meanwhile.
         overwritten = np.zeros(len(rows_a), bool)
         try:
             if f.chunk_offsets is not None:
@@ -383,14 +418,22 @@ class H5Writer:
                 write = f.write_preallocated
             else:
                 write = f.write_chunk
-            for i, slot, image_id in zip(rows_a.tolist(), slots.tolist(), ids_a.tolist()):
+            for i, slot, image_id, sequence in zip(rows_a.tolist(), slots.tolist(), ids_a.tolist(),
+                                                   sequences_a.tolist()):
                 write(i, slot_bytes[slot])
-                overwritten[written] = slot_ids[slot] != image_id
+                overwritten[written] = slot_ids[slot] != image_id or slot_sequences[slot] != sequence
                 written += 1
+                if clock() >= due:
+                    break
         except Exception as exc:  # noqa: BLE001 - OSError (disk full, ...) and anything h5py raises
             if not isinstance(exc, OSError):
                 log.exception("run %d: writing image %d failed", run.run_id, rows_a[written])
             error = f"I/O error writing image {rows_a[written]} to {run.output_file}: {exc}"
+        if error is None and written < len(rows_a):  # _periodic is due: the rest after it
+            self.queued_rows = rows_a[written:].tolist()
+            self.queued_ids = ids_a[written:].tolist()
+            self.queued_sequences = sequences_a[written:].tolist()
+        self.counters.frame_fields_missing += int(no_frame[:written].sum())  # the rest count when they are done
         done = np.zeros(len(rows_a), bool)
         done[:written] = True
         for k in np.flatnonzero(overwritten).tolist():
@@ -413,34 +456,36 @@ class H5Writer:
         if error is not None:
             self._fail(run, error)
 
-    def _frame_fields_of(self, f: OutputFile, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pulse_ids, daq_recs) of Jungfrau images, from module 0's frames in the FrameBuffer (0 and
-        counted in frame_fields_missing where the frame is gone); with image_id_source "pulse_id" the image
-        id is the pulse id whatever the FrameBuffer holds. Zeros for other detectors."""
+    def _frame_fields_of(self, f: OutputFile, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pulse_ids, daq_recs, missing) of Jungfrau images, from module 0's frames in the FrameBuffer (0
+        where the frame is gone, and `missing` True: the caller counts those it writes in
+        frame_fields_missing); with image_id_source "pulse_id" the image id is the pulse id whatever the
+        FrameBuffer holds. Zeros for other detectors."""
         pulse_ids = np.zeros(len(ids), np.uint64)
         daq_recs = np.zeros(len(ids), np.uint32)
         if not f.jungfrau:
-            return pulse_ids, daq_recs
+            return pulse_ids, daq_recs, np.zeros(len(ids), bool)
         if self.config.image_id_source == "pulse_id":
             pulse_ids[:] = ids
         if self.frames is None:
-            self.counters.frame_fields_missing += len(ids)
-            return pulse_ids, daq_recs
+            return pulse_ids, daq_recs, np.ones(len(ids), bool)
         frames = self.frames.all_metas(0)[ids % np.uint64(self.frames.layout.n_slots)]
         there = frames["id"] == ids
-        self.counters.frame_fields_missing += int((~there).sum())
         from_frames = there & (pulse_ids == 0)
         pulse_ids[from_frames] = frames["pulse_id"][from_frames]
         daq_recs[there] = frames["daq_rec"][there]
-        return pulse_ids, daq_recs
+        return pulse_ids, daq_recs, ~there
 
-    def _slot_meta(self, image_id: int) -> ImageMetadata:
-        """The metadata in the slot of `image_id` (ImageLostError if the slot holds another id). What
-        ImageBuffer.read_meta does, with one `item()` instead of a field-by-field copy (16 -> 4 us)."""
+    def _slot_meta(self, image_id: int, sequence: int) -> ImageMetadata:
+        """The metadata in the slot of `image_id` (ImageLostError if the slot holds another id, or the same
+        id with another sequence number: another acquisition's image). What ImageBuffer.read_meta does,
+        with one `item()` instead of a field-by-field copy (16 -> 4 us). A copy torn by a commit meanwhile
+        is caught by the check after the image was read (ImageBuffer.holds)."""
         version, id_, *fields = self.slot_metas[image_id % self.n_slots].item()
-        if id_ != image_id:
+        meta = ImageMetadata(id_, *fields, version)
+        if id_ != image_id or meta.user_1 != sequence:
             raise ImageLostError(image_id, id_)
-        return ImageMetadata(id_, *fields, version)
+        return meta
 
     def _rejection(self, meta: ImageMetadata) -> str | None:
         """Why the slot is not an image this file can take, or None."""
@@ -468,12 +513,13 @@ class H5Writer:
 
     def _write_from_slot(self, f: OutputFile, i: int, meta: ImageMetadata, chunk: np.ndarray) -> None:
         """Write the slot's bytes as the chunk, from shared memory without a copy, then check the slot still
-        holds the image; if it was overwritten meanwhile, what reached the file may be mixed, so the row is
-        erased (rewritten with the fill value) and recorded as lost. Saves a 1 MiB copy per image; the
-        erase costs one more chunk write, only for a lost image."""
+        holds the image (its id and sequence number, `meta` being the slot's as checked before); if it was
+        overwritten meanwhile, what reached the file may be mixed, so the row is erased (rewritten with the
+        fill value) and recorded as lost. Saves a 1 MiB copy per image; the erase costs one more chunk
+        write, only for a lost image."""
         fields = self._frame_fields(meta.id)
         f.write_chunk(i, chunk)
-        if not self.images.still_holds(meta.id):
+        if not self.images.holds(meta.id, meta.user_1):
             f.erase(i)
             raise ImageLostError(meta.id, self.images.slot_id(self.images.slot_of(meta.id)))
         self._written(f, i, meta, fields)
@@ -483,7 +529,7 @@ class H5Writer:
         fields = self._frame_fields(meta.id)
         if self.pool is None:
             out = self.free_buffers[0]
-            n = self._compress_slot(meta.id, out)
+            n = self._compress_slot(meta.id, meta.user_1, out)
             if n is None:
                 raise ImageLostError(meta.id, self.images.slot_id(self.images.slot_of(meta.id)))
             f.write_chunk(i, out[:n])
@@ -495,13 +541,14 @@ class H5Writer:
             if self.run is not run:
                 return  # writing the oldest failed the run
         out = self.free_buffers.pop()
-        self.pending.append(Pending(run, i, meta, fields, self.pool.submit(self._compress_slot, meta.id, out),
-                                    out))
+        self.pending.append(Pending(run, i, meta, fields, self.pool.submit(self._compress_slot, meta.id,
+                                                                          meta.user_1, out), out))
 
-    def _compress_slot(self, image_id: int, out: np.ndarray) -> int | None:
-        """The chunk size, or None if the slot no longer holds the image (runs in a pool thread)."""
+    def _compress_slot(self, image_id: int, sequence: int, out: np.ndarray) -> int | None:
+        """The chunk size, or None if the slot no longer holds the image published with `sequence` (runs
+        in a pool thread; the caller checked the slot's metadata before)."""
         n = self.compressor.compress(self.images.raw_bytes(image_id, self.image_bytes), out)
-        return n if self.images.still_holds(image_id) else None
+        return n if self.images.holds(image_id, sequence) else None
 
     def _drain(self, block: bool, limit: int | None = None) -> None:
         """Write the compressed images that are ready, oldest first (all of them, waiting, if `block`)."""
@@ -550,7 +597,8 @@ class H5Writer:
 
     def _frame_fields(self, image_id: int) -> tuple[int, int]:
         """(pulse_id, daq_rec) of one image: _frame_fields_of for the paths that take images one by one."""
-        pulse_ids, daq_recs = self._frame_fields_of(self.run.file, np.array([image_id], np.uint64))
+        pulse_ids, daq_recs, missing = self._frame_fields_of(self.run.file, np.array([image_id], np.uint64))
+        self.counters.frame_fields_missing += int(missing[0])
         return int(pulse_ids[0]), int(daq_recs[0])
 
     # --- ends of runs ---------------------------------------------------------------------------------
@@ -635,9 +683,12 @@ class H5Writer:
             self.unsent.popleft()
 
     def _periodic(self) -> None:
+        """Send the waiting statuses, the `writing` status and flush the file when they are due, and note
+        when to come back at the latest (periodic_due)."""
         self._flush_statuses()
         run = self.run
         if run is None or run.file is None:
+            self.periodic_due = math.inf
             return
         now = time.monotonic()
         if now - run.last_status >= self.settings.status_interval_s:
@@ -647,8 +698,14 @@ class H5Writer:
                 run.file.flush()
             except Exception as exc:  # noqa: BLE001 - as in _write
                 self._fail(run, f"I/O error flushing {run.output_file}: {exc}")
+                self.periodic_due = math.inf
                 return
             run.last_flush = now
+        # The flush is due only once images were written since the last one; until then, the status is
+        # what to come back for (a due time in the past would cut every batch after one image).
+        self.periodic_due = run.last_status + self.settings.status_interval_s
+        if run.file.written_since_flush:
+            self.periodic_due = min(self.periodic_due, run.last_flush + self.settings.flush_interval_s)
 
     # --- Service --------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -872,3 +873,196 @@ def test_the_open_file_is_recorded_while_it_is_written_and_a_second_writer_of_th
     agent.stop(1, 2)
     assert agent.wait().state == WriterState.FINISHED
     assert os.listdir(records) == []
+
+
+# --- the slot holds the very image it was asked for, not just its id (issue 20, 2) ---------------------
+
+def _filled(agent, image_id, value, sequence):
+    """A slot holding an image of `value` everywhere, published with sequence number `sequence` (user_1)."""
+    pixels = np.full(agent.config.image_shape, value, agent.config.image_dtype)
+    return agent.produce_bytes(image_id, pixels.tobytes(), user_1=sequence)
+
+
+def _compression_unavailable(*args):
+    raise writer_module.CompressionUnavailable("switched off by the test")
+
+
+SLOT_READERS = ["batched", "one by one", "compressed, 1 thread", "compressed, 2 threads", "hdf5 filter"]
+
+
+def _rig_reading_slots_by(reader, writer_rig, monkeypatch):
+    """A writer that takes its images from the slots by `reader`: the uncompressed batch (vectorised) or
+    one-by-one path, in-process compression inline or in the pool, or HDF5's filter (the bitshuffle
+    library switched off, as when it cannot be loaded). 16 slots: a run of 10 and one more image fit."""
+    writer = {}
+    if reader in ("batched", "one by one"):
+        monkeypatch.setattr(writer_module, "VECTOR_MIN_WRITES", 1 if reader == "batched" else 10**9)
+    elif reader == "hdf5 filter":
+        monkeypatch.setattr(writer_module, "Bitshuffle", _compression_unavailable)
+        writer = {"compression": "bitshuffle-lz4"}
+    else:
+        writer = {"compression": "bitshuffle-lz4", "compression_threads": int(reader.split()[1])}
+    agent, h5writer = writer_rig(image_buffer_slots=16, writer=writer)
+    assert (h5writer.compressor is None) == (reader != "compressed, 1 thread" and reader != "compressed, 2 threads")
+    return agent, h5writer
+
+
+# Acquisition A's images 1..10 (image 5 holds 111 everywhere, the others their id), published with sequence
+# numbers 1001..1010; acquisition B numbered from 1 again, and its image 5 (222 everywhere, its own sequence
+# number 3) lands in the same slot.
+A_SEQUENCE = 1000
+B_IMAGE_5 = dict(image_id=5, value=222, sequence=3)
+
+
+def _a_value(image_id):
+    return 111 if image_id == 5 else image_id
+
+
+def _check_row_5_lost(agent, writer, path):
+    final = agent.wait()
+    assert (final.n_written, final.n_missing) == (9, 1), final
+    assert writer.counters.images_lost == 1
+    with h5py.File(path, "r") as f:
+        status = list(f[f"{agent.config.detector_name}/status"][:])
+        data = f["entry/data/data"][:]
+    assert status == [0] * 4 + [STATUS_LOST] + [0] * 5
+    assert not data[4].any()  # zeros: never B's 222
+    for row in (0, 1, 2, 3, 5, 6, 7, 8, 9):
+        assert (data[row] == _a_value(row + 1)).all(), row
+
+
+@pytest.mark.parametrize("reader", SLOT_READERS)
+def test_an_image_of_another_acquisition_with_the_same_id_is_recorded_as_lost_never_written(
+        writer_rig, tmp_path, monkeypatch, reader):
+    agent, writer = _rig_reading_slots_by(reader, writer_rig, monkeypatch)
+    path = tmp_path / "aba.h5"
+    agent.start(path, 10)
+    agent.wait((WriterState.WRITING,))
+    metas = [_filled(agent, image_id, _a_value(image_id), A_SEQUENCE + image_id) for image_id in range(1, 11)]
+    _filled(agent, **B_IMAGE_5)  # before the writer reaches A's image 5
+    for i, meta in enumerate(metas):
+        agent.write(i, meta, 10)
+    agent.stop(10, 10)
+    _check_row_5_lost(agent, writer, path)
+
+
+@pytest.mark.parametrize("reader", SLOT_READERS[:4])
+def test_an_image_of_another_acquisition_committed_with_the_same_id_while_the_image_is_read_is_lost(
+        writer_rig, tmp_path, monkeypatch, reader):
+    """The check before the read passed (A's image 5 was there); B's image 5 is written into the slot and
+    committed while the writer reads it, so what it read is B's: the check after the read must see that
+    the slot's sequence number is no longer A's, although the id is the same."""
+    agent, writer = _rig_reading_slots_by(reader, writer_rig, monkeypatch)
+    committed = []
+
+    def commit_b_first(image_5):
+        if image_5 and not committed:
+            committed.append(_filled(agent, **B_IMAGE_5))
+
+    if reader in ("batched", "one by one"):  # the pixels go out from the slot by pwrite: B's, right before
+        real_write = h5file.OutputFile.write_preallocated
+
+        def write(self, i, view):
+            commit_b_first(i == 4)
+            real_write(self, i, view)
+
+        monkeypatch.setattr(h5file.OutputFile, "write_preallocated", write)
+    else:  # compressed from the slot, in the pool with 2 threads
+        real_compress = Bitshuffle.compress
+
+        def compress(self, pixels, out):
+            commit_b_first(int(pixels[:2].view(np.uint16)[0]) == 111)
+            return real_compress(self, pixels, out)
+
+        monkeypatch.setattr(Bitshuffle, "compress", compress)
+    path = tmp_path / "aba-during.h5"
+    agent.start(path, 10)
+    agent.wait((WriterState.WRITING,))
+    metas = [_filled(agent, image_id, _a_value(image_id), A_SEQUENCE + image_id) for image_id in range(1, 11)]
+    for i, meta in enumerate(metas):
+        agent.write(i, meta, 10)
+    agent.stop(10, 10)
+    _check_row_5_lost(agent, writer, path)
+    assert committed  # B's image did go into the slot during the read
+
+
+# --- statuses on time whatever the backlog (issue 20, 4) ---------------------------------------------------
+
+@pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
+def test_a_slow_writer_with_a_backlog_of_1500_writes_sends_its_statuses_on_time_and_completes(
+        writer_rig, tmp_path, monkeypatch, compression):
+    """Every image write takes 3 ms more (a slow disk, made by wrapping the file's write functions) and
+    1500 writes are queued before the first is done: ~4.5 s of work, in which the status may not wait for
+    the backlog (a writer silent for writer_timeout_s is taken for dead by writer_agent), nor for a batch
+    of queued writes (256 take 0.8 s here)."""
+    interval = 0.2
+    # Small images (Gigafrost 96x192, 36 KiB): the test is about time, not bytes.
+    agent, writer = writer_rig(detector_type="gigafrost", n_modules=8, bit_depth=12, image_pixel_height=96,
+                               image_pixel_width=192, image_buffer_slots=16,
+                               writer={"compression": compression, "status_interval_s": interval})
+    for name in ("write_chunk", "write_preallocated"):
+        real = getattr(h5file.OutputFile, name)
+
+        def slow(self, i, chunk, real=real):
+            time.sleep(0.003)
+            real(self, i, chunk)
+
+        monkeypatch.setattr(h5file.OutputFile, name, slow)
+    n = 1500
+    metas = [_filled(agent, image_id, image_id, image_id) for image_id in range(1, 17)]
+    path = tmp_path / "backlog.h5"
+    agent.start(path, n)  # start, the writes and the stop all queued at once: the backlog
+    for i in range(n):
+        agent.write(i, metas[i % 16], n)
+    agent.stop(n, n)
+    statuses = []
+    while not statuses or statuses[-1].state == WriterState.WRITING:
+        statuses.append(agent.wait((WriterState.WRITING, WriterState.FINISHED, WriterState.FAILED), timeout_s=30))
+    final = statuses[-1]
+    assert final.state == WriterState.FINISHED and final.n_written == n and final.n_missing == 0, final
+    # When each status was made, by the writer's own clock (so the test thread's scheduling does not count).
+    sent = [s.details["duration_s"] for s in statuses]
+    gaps = np.diff(sent)
+    print(f"{len(statuses)} statuses over {sent[-1]:.2f} s, largest gap {gaps.max():.3f} s")
+    assert sent[-1] > 4 * interval  # the backlog did take a while
+    assert gaps.max() < 3 * interval, list(zip(sent, [s.n_written for s in statuses]))
+    assert [s.n_written for s in statuses] == sorted(s.n_written for s in statuses)
+    with h5py.File(path, "r") as f:
+        assert not f[f"{agent.config.detector_name}/status"][:].any()
+        data = f["entry/data/data"]
+        for row in (0, 17, 777, n - 1):
+            assert (data[row] == row % 16 + 1).all(), row
+
+
+# --- a failed start removes its own file, not one elsewhere (issue 20, 5) ----------------------------------
+
+def test_a_start_that_fails_after_a_directory_on_the_path_was_swapped_for_a_symlink_removes_its_own_file_only(
+        writer_rig, tmp_path, monkeypatch):
+    """The file is made in a directory pinned by its descriptor; the layout then fails (as a first flush
+    past the file size limit does) right after `sub` was renamed and a symlink to another directory put
+    in its place. The clean-up must remove the half-made file in the renamed directory, not follow the
+    link by path and remove a file of the same name there."""
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    (allowed / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "run.h5").write_bytes(b"someone else's file")
+    agent, _ = writer_rig(output_dirs=[str(allowed)])
+    real_layout = h5file.OutputFile._layout
+    calls = []
+
+    def layout_then_swap_and_fail(self, *args):
+        real_layout(self, *args)
+        calls.append(1)
+        if len(calls) == 1:
+            os.rename(allowed / "sub", allowed / "sub.moved")
+            os.symlink(elsewhere, allowed / "sub")
+            raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(h5file.OutputFile, "_layout", layout_then_swap_and_fail)
+    agent.start(allowed / "sub" / "run.h5", 3)
+    status = agent.wait()
+    assert status.state == WriterState.FAILED and "File too large" in status.error, status.error
+    assert (elsewhere / "run.h5").read_bytes() == b"someone else's file"
+    assert os.listdir(allowed / "sub.moved") == []  # its own half-made file is gone
+    write_run(agent, allowed / "next.h5", [1], run_id=2)  # and the writer serves on
+    assert agent.wait(run_id=2).state == WriterState.FINISHED
