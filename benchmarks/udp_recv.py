@@ -60,7 +60,8 @@ def make_config(workdir: Path, port: int, **udp_recv) -> Path:
     path.write_text(json.dumps({
         "detector_name": f"benchudp{os.getpid()}", "detector_type": "jungfrau", "n_modules": 1, "bit_depth": 16,
         "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": port,
-        "frame_buffer_slots": 64, "image_buffer_slots": 4, "stats_interval_s": 1.0, "udp_recv": udp_recv}))
+        "frame_buffer_slots": 64, "image_buffer_slots": 4, "stats_interval_s": 1.0, "stats_log": "keyvalue",
+        "udp_recv": udp_recv}))
     return path
 
 

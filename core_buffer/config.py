@@ -29,6 +29,10 @@ DEFAULT_IPC_DIR = "/tmp"
 DEFAULT_FRAME_BUFFER_SLOTS = 256
 DEFAULT_IMAGE_BUFFER_SLOTS = 512
 DEFAULT_STATS_INTERVAL_S = 10.0
+# The one form of the statistics line (core_buffer.service.StatsReporter): "influx", InfluxDB line protocol
+# on stdout, which the existing std-daq dashboards read; "keyvalue", `stats name=value ...` in the log.
+STATS_LOG_FORMS = ("influx", "keyvalue")
+DEFAULT_STATS_LOG = "influx"
 DEFAULT_SHM_MODE = "0660"
 DEFAULT_FILE_MODE = "0640"
 IMAGE_ID_SOURCES = ("frame_number", "pulse_id")
@@ -188,6 +192,7 @@ class DetectorConfig:
     background_file: str | None = None
     flatfield_file: str | None = None
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
+    stats_log: str = DEFAULT_STATS_LOG
     shm_mode: int = 0o660
     output_dirs: tuple[str, ...] = ()
     overwrite_files: bool = False
@@ -231,13 +236,22 @@ class DetectorConfig:
         return Section(self.sections.get(name, {}), name, self.source)
 
 
+class ConfigFileUnreadable(ConfigError):
+    """The config file itself cannot be read (missing, a directory, no permission): no key is at fault, so
+    the message names the file and the reason instead of ConfigError's 'config key ... is invalid'."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__("<file>", source, f"a readable config file ({reason})", source)
+        self.args = (f"cannot read the config file {source}: {reason}",)  # what str() shows
+
+
 def load_config(path: str | os.PathLike[str]) -> DetectorConfig:
     """Read and validate a detector config file; raises ConfigError naming the problem."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError("<file>", source, f"a readable config file ({exc.strerror})", source) from None
+        raise ConfigFileUnreadable(source, exc.strerror or str(exc)) from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -319,6 +333,7 @@ def parse_config(raw: Any, source: str = "") -> DetectorConfig:
         background_file=top.path("background_file", None),
         flatfield_file=top.path("flatfield_file", None),
         stats_interval_s=top.float("stats_interval_s", DEFAULT_STATS_INTERVAL_S, min=0.05),
+        stats_log=top.str("stats_log", DEFAULT_STATS_LOG, choices=STATS_LOG_FORMS),
         shm_mode=int(shm_mode_text, 8),
         output_dirs=top.str_list("output_dirs", (), absolute_paths=True),
         overwrite_files=top.bool("overwrite_files", False),

@@ -3,11 +3,18 @@
 Signal handlers only set a stop event; the loop notices it within one poll timeout, so a stop never needs
 a kill. Shutdown order: `stop()` (stop intake, finish or drain what is in flight), then `close()` (close
 outputs and sockets), then a final statistics line. Statistics are plain counters in the hot path and a
-frozen snapshot taken by the loop at a fixed interval, printed twice: a human-readable log line, and an
-InfluxDB line-protocol line on stdout in the form the existing std-daq dashboards read (docs/design-choices.md,
-"Statistics"): measurement = the service name, tag `detector_name` (plus the service's own, e.g. std_udp_recv's
-`module_id`), then the service's per-interval fields (std_udp_recv: the legacy `n_missed_packets`,
-`n_corrupted_frames`, `repetition_rate`), then every counter and rate, then the timestamp in ns.
+frozen snapshot taken by the loop at a fixed interval, printed in one of two forms, as the config's
+`stats_log` says (one form only: the same figures twice made half of a pipeline's log):
+- "influx" (the default): an InfluxDB line-protocol line on stdout in the form the existing std-daq dashboards
+  read (docs/design-choices.md, "Statistics"): measurement = the service name, tag `detector_name` (plus the
+  service's own, e.g. std_udp_recv's `module_id`), then the service's per-interval fields (std_udp_recv: the
+  legacy `n_missed_packets`, `n_corrupted_frames`, `repetition_rate`), then every counter and rate, then the
+  timestamp in ns;
+- "keyvalue": a log line `stats name=value ...` (stderr), for a person reading the log.
+
+Every daemon holds the lock of its role in the detector's pipeline (core_buffer.locks) from before it builds
+its service (no segment created or attached, no socket bound) until after it has removed the ipc socket files
+it bound: a second copy of a service is refused at start, naming the process it would have broken.
 """
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ if TYPE_CHECKING:
     import argparse
 
     from core_buffer.config import DetectorConfig
+    from core_buffer.locks import Role
 
 log = logging.getLogger(__name__)
 
+STATS_INFLUX, STATS_KEYVALUE = "influx", "keyvalue"  # the forms of core_buffer.config.STATS_LOG_FORMS
 LOG_FORMAT = "%(asctime)s %(processName)s[%(process)d] %(name)s %(levelname)s: %(message)s"
 POLL_TIMEOUT_S = 0.1
 
@@ -109,12 +118,16 @@ class StatsReporter:
     `tags` are the InfluxDB tags (`detector_name=...`, ...): the Prometheus labels are a separate mapping
     (core_buffer.metrics), which `std-daq status` and existing scrapes rely on. `interval_fields(now,
     before, elapsed_s)` gives fields computed over the interval (e.g. std_udp_recv's legacy
-    `n_missed_packets`); they come first in the InfluxDB line, before the cumulative counters."""
+    `n_missed_packets`); they come first in the InfluxDB line, before the cumulative counters. `form` is
+    the config's `stats_log`: the InfluxDB line on `out` (stdout), or a key=value line in the log."""
 
     def __init__(self, service_name: str, tags: Mapping[str, str], interval_s: float,
                  rates: tuple[str, ...] = (), out: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic, interval_fields: IntervalFields | None = None,
-                 time_ns: Callable[[], int] = time.time_ns) -> None:
+                 time_ns: Callable[[], int] = time.time_ns, form: str = STATS_INFLUX) -> None:
+        if form not in (STATS_INFLUX, STATS_KEYVALUE):
+            raise ValueError(f"statistics form {form!r}: expected {STATS_INFLUX!r} or {STATS_KEYVALUE!r}")
+        self.form = form
         self.measurement = service_name  # as the existing std-daq services print it, e.g. std_udp_recv
         self.tags = dict(tags)
         self.interval_s = interval_s
@@ -141,9 +154,11 @@ class StatsReporter:
         if self.interval_fields is not None:
             line_fields = {**self.interval_fields(snapshot, self._last, elapsed), **fields}
         self._last_time, self._last = now, dict(snapshot)
-        log.info("stats %s", " ".join(f"{k}={v}" for k, v in fields.items()))
-        out = self.out if self.out is not None else sys.stdout
-        print(influx_line(self.measurement, self.tags, line_fields, self.time_ns()), file=out, flush=True)
+        if self.form == STATS_KEYVALUE:
+            log.info("stats %s", " ".join(f"{k}={v}" for k, v in fields.items()))
+        else:
+            out = self.out if self.out is not None else sys.stdout
+            print(influx_line(self.measurement, self.tags, line_fields, self.time_ns()), file=out, flush=True)
         for listener in self.listeners:
             listener(fields)
         return fields
@@ -209,20 +224,63 @@ def add_common_arguments(parser: "argparse.ArgumentParser") -> None:
 
 def run_daemon(name: str, args: "argparse.Namespace",
                build: Callable[["DetectorConfig"], Service]) -> int:
-    """The body of every daemon's main(): load the config, build the service, run it until stopped.
+    """The body of every daemon's main(): load the config, take the service's role lock, build the
+    service, run it until stopped, remove the ipc socket files it bound, let go of the lock.
 
-    A bad config or a service that cannot start exits with code 2 or 1 and one log line saying why.
+    A bad config, a role another process holds, or a service that cannot start exits with code 2 or 1 and
+    one log line saying why. std_udp_recv's role is that of its module (`args.module_id`).
     The service may offer `stats_tags` (extra Prometheus labels, e.g. module), `influx_tags` (extra InfluxDB
     tags, e.g. module_id), `interval_fields` (see StatsReporter) and `rate_counters` (counters to report
     per second)."""
     from core_buffer.config import load_config
     from core_buffer.errors import ConfigError, StdDaqError
+    from core_buffer.locks import LockHeld, role_lock, service_role
 
     setup_logging(args.log_level)
     stop = threading.Event()
     install_stop_handlers(stop)  # before building: a SIGTERM during start-up still stops cleanly
     try:
         config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s: bad config: %s", name, exc)
+        return 2
+    role = service_role(name, getattr(args, "module_id", None))
+    # Before anything is built: a second copy's bind would take the running one's ipc address (ZMQ
+    # replaces the socket file) and its segments would be written by both.
+    lock = role_lock(config, role)
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        log.error("%s: not starting: %s; a second %s of this detector would take the running one's sockets "
+                  "and shared memory", name, exc, name)
+        return 1
+    except StdDaqError as exc:
+        log.error("%s: cannot start: %s", name, exc)
+        return 1
+    try:
+        # Holding the role, any socket file of it is a dead predecessor's (killed before it could remove it).
+        _remove_socket_files(config, role)
+        return _build_and_run(name, args, config, build, stop)
+    finally:
+        # After close(): libzmq (4.3.5, tried) leaves a bound ipc socket's file in place when the socket is
+        # closed, unbound or its context terminated, so without this every stop left the files in ipc_dir.
+        _remove_socket_files(config, role)
+        lock.release()
+
+
+def _remove_socket_files(config: "DetectorConfig", role: "Role") -> None:
+    from core_buffer.ipc import remove_socket_file
+
+    for path in role.socket_files(config):
+        remove_socket_file(path)
+
+
+def _build_and_run(name: str, args: "argparse.Namespace", config: "DetectorConfig",
+                   build: Callable[["DetectorConfig"], Service], stop: threading.Event) -> int:
+    from core_buffer.errors import ConfigError, StdDaqError
+    from core_buffer.metrics import serve_metrics
+
+    try:
         service = build(config)
     except ConfigError as exc:
         log.error("%s: bad config: %s", name, exc)
@@ -230,8 +288,6 @@ def run_daemon(name: str, args: "argparse.Namespace",
     except (StdDaqError, OSError) as exc:  # OSError: a port in use, a socket path not writable, ...
         log.error("%s: cannot start: %s", name, exc)
         return 1
-    from core_buffer.metrics import serve_metrics
-
     interval = args.stats_interval if args.stats_interval is not None else config.stats_interval_s
     # Two vocabularies on purpose: Prometheus labels (detector, module) are what `std-daq status` and
     # existing scrapes know; the InfluxDB tags (detector_name, module_id) are the existing std-daq
@@ -239,7 +295,7 @@ def run_daemon(name: str, args: "argparse.Namespace",
     tags = {"detector": config.detector_name, **getattr(service, "stats_tags", {})}
     influx_tags = {"detector_name": config.detector_name, **getattr(service, "influx_tags", {})}
     reporter = StatsReporter(name, influx_tags, interval, tuple(getattr(service, "rate_counters", ())),
-                             interval_fields=getattr(service, "interval_fields", None))
+                             interval_fields=getattr(service, "interval_fields", None), form=config.stats_log)
     try:
         metrics = serve_metrics(config, name, tags, service.stats)
     except ConfigError as exc:

@@ -10,7 +10,6 @@ re-opens and checks pixel by pixel against the simulator's pattern. Ctrl-C and S
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -26,14 +25,21 @@ import urllib.parse
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
 from core_buffer.config import DetectorConfig, load_config
 from core_buffer.pattern import frame_pattern
 from std_daq import status as status_module
-from std_daq.launcher import Launcher, console_script, pipeline_services, remove_buffers
+from std_daq.launcher import (
+    Launcher,
+    PipelineRunning,
+    claim_detector,
+    console_script,
+    pipeline_services,
+    remove_buffers,
+    remove_stale_sockets,
+)
 
 DEFAULT_IMAGES = 200
 DEFAULT_RATE_HZ = 100.0
@@ -280,20 +286,6 @@ def _total(metrics: list[status_module.ServiceMetrics], label_prefix: str, name:
     return sum((m.values or {}).get(name, 0) for m in metrics if m.label.startswith(label_prefix))
 
 
-def demo_lock(config: DetectorConfig) -> IO[str] | None:
-    """An exclusive lock for one demo at a time on this machine (None: another demo holds it). Two demos
-    would share the bundled config's buffers, ipc sockets and ports, and the first to finish would remove
-    the other's shared memory. The kernel drops the lock when the process ends, however it ends."""
-    path = os.path.join(config.ipc_dir, f"{config.namespace}-{config.detector_name}-demo.lock")
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
 DEMO_FILE = re.compile(r"^demo-\d{8}-\d{6}\.h5$")  # the name _run_demo gives its file
 
 
@@ -322,13 +314,21 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
              workdir: str | None = None) -> int:
     root = Path(workdir or "std-daq-demo").resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    config_path, config = demo_config(root)
-    lock = demo_lock(config)
-    if lock is None:
-        say(f"std-daq demo: another std-daq demo is running on this machine (detector {config.detector_name}); "
-            "wait for it to finish")
+    # One demo at a time, and none beside a `std-daq up` of the bundled config: they would share the
+    # detector's buffers and ipc sockets. Claimed before anything is written, so a refused demo leaves the
+    # running one's config (its ports, for `std-daq status`) as it is. The lock is the detector's, in the
+    # bundled config's ipc_dir, which the runtime copy keeps.
+    try:
+        lock = claim_detector(load_config(bundled_config_path()))
+    except PipelineRunning as exc:
+        say(f"std-daq demo: not starting: {exc}. Nothing was started or removed.")
         return 1
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        config_path, config = demo_config(root)
+    except BaseException:
+        lock.release()
+        raise
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run_demo(config_path, config, root, n_images, rate_hz)
@@ -340,7 +340,7 @@ def run_demo(n_images: int = DEFAULT_IMAGES, rate_hz: float = DEFAULT_RATE_HZ,
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
-        lock.close()
+        lock.release()
 
 
 def _run_demo(config_path: str, config: DetectorConfig, root: Path, n_images: int, rate_hz: float) -> int:
@@ -360,7 +360,13 @@ def _run_demo(config_path: str, config: DetectorConfig, root: Path, n_images: in
     log_path = root / "services.log"
     log_file = open(log_path, "w", buffering=1)
     launcher = Launcher(specs, output=log_file)
-    launcher.cleanup = lambda: remove_buffers(config)
+    remove_stale_sockets(config)  # left by services of an earlier run that were killed
+
+    def cleanup() -> None:
+        remove_buffers(config)
+        remove_stale_sockets(config)  # the direct write's StoreStream socket, and any a killed service left
+
+    launcher.cleanup = cleanup
     sim: subprocess.Popen | None = None
     started = time.monotonic()
     timeout_s = write_timeout_s(n_images, rate_hz)

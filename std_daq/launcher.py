@@ -7,7 +7,14 @@ has a `stream_send` address, writer_agent and std_h5_writer. A replica server's 
 The launcher starts the services downstream first (writer, agent, stream sender, assembler, then the
 receivers), so nothing upstream produces before its consumer listens; it stops them in the opposite order
 (receivers first: stop intake, then let each stage drain), each with SIGTERM and a grace period before
-SIGKILL; and it removes the detector's shared-memory segments at the end.
+SIGKILL; and it removes the detector's shared-memory segments at the end (never one a live process still
+maps: std_daq.buffers.segment_users).
+
+One pipeline per detector per machine (core_buffer.locks): `claim_detector` takes the detector's lock for
+the launcher's whole run and refuses, naming the process, when another launcher holds it, when a service of
+the detector runs already (its role lock is held: systemd units, a service started by hand) or when a live
+process maps the detector's segments (a pipeline of the same detector with another ipc_dir). A refused
+launcher has started nothing and removes nothing.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only the launcher, which then
 stops them in order; and they get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG, see
@@ -29,7 +36,11 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from core_buffer.config import DetectorConfig
-from core_buffer.ringbuffer import shm_name, unlink
+from core_buffer.errors import StdDaqError
+from core_buffer.ipc import remove_socket_file
+from core_buffer.locks import LockHeld, PidLock, detector_lock, detector_roles, holder_of
+from core_buffer.ringbuffer import KINDS, shm_name, unlink
+from std_daq.buffers import describe_users, segment_users
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +233,108 @@ class Launcher:
         return 0
 
 
-def remove_buffers(config: DetectorConfig) -> list[str]:
-    removed = [name for name in (shm_name(config, "frames"), shm_name(config, "images")) if unlink(name)]
+class PipelineRunning(StdDaqError):
+    """The detector's pipeline (or a part of it) runs already on this machine; the message names who."""
+
+
+def claim_detector(config: DetectorConfig) -> PidLock:
+    """The detector's lock, held, once nothing of the detector's pipeline runs; else PipelineRunning
+    naming the process in the way. Starts nothing and removes nothing either way."""
+    lock = detector_lock(config)
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        raise PipelineRunning(f"{exc}; one pipeline per detector on a machine: stop that one first") from None
+    try:
+        running = [(role, holder) for role in detector_roles(config)
+                   if (holder := holder_of(role.lock_path(config))) is not None]
+        if running:
+            who = "; ".join(f"{role.name} by {holder.describe()}" for role, holder in running)
+            raise PipelineRunning(f"services of detector {config.detector_name} run already, without a "
+                                  f"launcher (systemd units, or started by hand): {who}; stop them first")
+        in_use = {name: segment_users(name) for name in (shm_name(config, kind) for kind in KINDS)}
+        in_use = {name: users for name, users in in_use.items() if users}
+        if in_use:
+            who = "; ".join(f"{name} by {describe_users(users)}" for name, users in in_use.items())
+            raise PipelineRunning(f"the shared memory of detector {config.detector_name} is in use: {who} (a "
+                                  "pipeline of this detector with another ipc_dir?); stop it first")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def remove_stale_sockets(config: DetectorConfig) -> list[str]:
+    """Remove the detector's ipc socket files of roles nobody holds (left by a service that was killed);
+    returns the paths removed. A service removes its own when it stops; this is for those that could not."""
+    removed = []
+    for role in detector_roles(config):
+        if holder_of(role.lock_path(config)) is None:
+            removed += [path for path in role.socket_files(config) if remove_socket_file(path)]
     return removed
 
 
+@dataclass(frozen=True)
+class BufferRemoval:
+    removed: list[str]
+    in_use: dict[str, list[int]]  # segments left because live processes use them, with their pids
+
+    def describe(self) -> str:
+        text = f"removed shared memory: {', '.join(self.removed) or 'none left'}"
+        for name, users in self.in_use.items():
+            text += f"; left {name}: in use by {describe_users(users)}"
+        return text
+
+
+def remove_buffers(config: DetectorConfig) -> BufferRemoval:
+    """Remove the detector's segments that no live process uses."""
+    removed, in_use = [], {}
+    for name in (shm_name(config, kind) for kind in KINDS):
+        users = segment_users(name)
+        if users:
+            in_use[name] = users
+        elif unlink(name):
+            removed.append(name)
+    return BufferRemoval(removed, in_use)
+
+
+def output_warnings(config: DetectorConfig) -> list[str]:
+    """What the operator must know at start about where files can be written: with no `output_dirs` every
+    write is refused (the first write would be the first to say so), and a directory that does not exist
+    refuses the writes into it."""
+    if not config.output_dirs:
+        return [f"no output_dirs in {config.source or 'the config'}: every write will be refused; set config "
+                'key output_dirs, e.g. "output_dirs": ["/data/' + config.detector_name + '"]']
+    return [f"output_dirs entry {path} is not an existing directory: writes into it will be refused until it is"
+            for path in config.output_dirs if not os.path.isdir(path)]
+
+
 def run_up(config_path: str, config: DetectorConfig) -> int:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    launcher = Launcher(pipeline_services(os.path.abspath(config_path), config))
-    launcher.cleanup = lambda: launcher.say(
-        f"removed shared memory: {', '.join(remove_buffers(config)) or 'none left'}")
-    where = (f" (replica server: images from std_stream_send on {config.sections['stream_recv']['bind']})"
-             if is_replica(config) else "")
-    launcher.say(f"detector {config.detector_name}{where}: {len(launcher.children)} services; Ctrl-C stops them")
-    return launcher.run(stop)
+    try:
+        lock = claim_detector(config)
+    except PipelineRunning as exc:
+        print(f"std-daq up: not starting: {exc}. Nothing was started or removed.", file=sys.stderr)
+        return 1
+    try:
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        launcher = Launcher(pipeline_services(os.path.abspath(config_path), config))
+        stale = remove_stale_sockets(config)
+        if stale:
+            launcher.say(f"removed ipc socket files left by services that were killed: {', '.join(stale)}")
+
+        def cleanup() -> None:
+            launcher.say(remove_buffers(config).describe())
+            remove_stale_sockets(config)  # those of services killed at the end of the grace period
+
+        launcher.cleanup = cleanup
+        where = (f" (replica server: images from std_stream_send on {config.sections['stream_recv']['bind']})"
+                 if is_replica(config) else "")
+        launcher.say(f"detector {config.detector_name}{where}: {len(launcher.children)} services; Ctrl-C stops "
+                     "them")
+        for warning in output_warnings(config):
+            launcher.say(f"WARNING: {warning}")
+        return launcher.run(stop)
+    finally:
+        lock.release()

@@ -1,14 +1,19 @@
-"""`std-daq status CONFIG`: one screen of pipeline health, read from the services' Prometheus endpoints."""
+"""`std-daq status CONFIG`: one screen of pipeline health, read from the services' Prometheus endpoints,
+and from the machine's processes: two services in one role of the detector (two assemblers, two receivers of
+one module) are an error the metrics cannot show, since only one of them gets the metrics port."""
 from __future__ import annotations
 
 import http.client
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from core_buffer.config import DetectorConfig
+from core_buffer.config import DetectorConfig, load_config
+from core_buffer.errors import ConfigError
+from core_buffer.locks import Holder, detector_lock_path, holder_of, process_command, service_role
 from core_buffer.metrics import metrics_endpoint
 from std_daq.launcher import is_replica
 
@@ -153,10 +158,110 @@ def writer_state(second: list[ServiceMetrics]) -> str | None:
     return "writing" if writer["writing"] else "idle"
 
 
+# The console scripts of the services, and their options that take a value (the rest of the command line
+# is positional: the config, and std_udp_recv's module id).
+SERVICE_SCRIPTS = ("std_udp_recv", "std_assembler", "std_stream_send", "std_stream_recv", "writer_agent",
+                   "std_h5_writer")
+_OPTIONS_WITH_VALUE = ("--log-level", "--stats-interval", "--to", "--live", "--live-rate", "--live-every",
+                       "--bind")
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    pid: int
+    service: str
+    role: str  # core_buffer.locks role name: udp_recv-0, image_producer, ...
+    command: str
+
+
+@dataclass(frozen=True)
+class DuplicateRole:
+    """More than one live process in one role of the detector's pipeline."""
+
+    role: str
+    processes: tuple[ServiceProcess, ...]
+
+    def describe(self) -> str:
+        who = ", ".join(f"pid {p.pid} ({p.command})" for p in self.processes)
+        return (f"{len(self.processes)} processes in the {self.role} role: {who}; each takes the other's "
+                "sockets and shared memory: stop all but one")
+
+
+def service_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(service, positional arguments) of a service's command line, None for any other command. A console
+    script runs as `python /path/bin/<service> ARGS` (its interpreter line), or as `python -m <service>`."""
+    python = bool(argv) and os.path.basename(argv[0]).startswith("python")
+    for i, arg in enumerate(argv[:3]):
+        if os.path.basename(arg) in SERVICE_SCRIPTS and (i == 0 or python and (i == 1 or argv[1] == "-m")):
+            positional, rest = [], iter(argv[i + 1:])
+            for item in rest:
+                if item in _OPTIONS_WITH_VALUE:
+                    next(rest, None)
+                elif not item.startswith("-"):
+                    positional.append(item)
+            return os.path.basename(arg), positional
+    return None
+
+
+def detector_processes(config: DetectorConfig) -> list[ServiceProcess]:
+    """The live service processes whose config is of this detector (same namespace and detector_name, so
+    the same segment names, whatever the file or the ipc_dir), from /proc."""
+    same: dict[str, bool] = {}  # config path -> whether it is this detector's
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().rstrip(b"\0").split(b"\0")]
+            parsed = service_command(argv)
+            if parsed is None or not parsed[1]:
+                continue
+            service, positional = parsed
+            path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), positional[0])
+        except OSError:
+            continue  # gone meanwhile, or another user's process we may not look into
+        if path not in same:
+            try:
+                other = load_config(path)
+                same[path] = (other.namespace, other.detector_name) == (config.namespace, config.detector_name)
+            except ConfigError:
+                same[path] = False
+        if not same[path]:
+            continue
+        module_id = int(positional[1]) if service == "std_udp_recv" and positional[1:2] and \
+            positional[1].isdigit() else None
+        found.append(ServiceProcess(pid, service, service_role(service, module_id).name, " ".join(argv)))
+    return found
+
+
+def duplicate_roles(processes: list[ServiceProcess]) -> list[DuplicateRole]:
+    by_role: dict[str, list[ServiceProcess]] = {}
+    for process in processes:
+        by_role.setdefault(process.role, []).append(process)
+    return [DuplicateRole(role, tuple(sorted(group, key=lambda p: p.pid)))
+            for role, group in sorted(by_role.items()) if len(group) > 1]
+
+
+def launcher_of(config: DetectorConfig) -> Holder | None:
+    """The `std-daq up` or demo holding the detector's lock, if one does."""
+    return holder_of(detector_lock_path(config))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def format_status(config: DetectorConfig, lines: list[StatusLine], lag: int | None,
-                  state: str | None = None) -> str:
+                  state: str | None = None, duplicates: list[DuplicateRole] = (),
+                  launcher: Holder | None = None) -> str:
     out = [f"std-daq status: detector {config.detector_name} ({config.detector_type}, "
-           f"{config.n_modules} modules)"]
+           f"{_plural(config.n_modules, 'module')})"]
+    if launcher is not None:
+        out.append(f"  launcher: {launcher.describe()}")
+    for duplicate in duplicates:
+        out.append(f"  ERROR: {duplicate.describe()}")
     if not lines:
         out.append("  no metrics endpoints: set \"metrics\": {\"base_port\": ...} in the config")
     width = max((len(line.label) for line in lines), default=0)
@@ -183,11 +288,13 @@ def run_status(config: DetectorConfig, interval_s: float = 1.0, watch: bool = Fa
             first = scrape(config)
             time.sleep(interval_s)
             second = scrape(config)
+            duplicates = duplicate_roles(detector_processes(config))
             text = format_status(config, summarise(first, second, interval_s), writer_lag(first, second),
-                                 writer_state(second))
+                                 writer_state(second), duplicates, launcher_of(config))
             if not watch:
                 print(text)
-                return 0 if second and all(m.values is not None for m in second) else 1
+                healthy = second and all(m.values is not None for m in second) and not duplicates
+                return 0 if healthy else 1
             print("\033[2J\033[H" + text, flush=True)
     except KeyboardInterrupt:
         return 0

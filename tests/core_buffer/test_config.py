@@ -125,8 +125,12 @@ def test_shm_mode_for_owner_and_group_is_accepted(mode):
 
 
 def test_file_errors_name_the_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"missing.json: config key '<file>' .* readable config file"):
+    with pytest.raises(ConfigError) as missing:
         load_config(tmp_path / "missing.json")
+    # The file is at fault, not a key: "config key '<file>' = ... is invalid" sent readers into the file.
+    assert str(missing.value) == f"cannot read the config file {tmp_path / 'missing.json'}: No such file or directory"
+    with pytest.raises(ConfigError, match=r"cannot read the config file .*: Is a directory"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text('{"detector_name": "x",\n}')
     with pytest.raises(ConfigError, match=r"valid JSON \(.* at line 2 column 1\)"):

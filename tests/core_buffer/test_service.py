@@ -228,3 +228,100 @@ def test_a_signal_stops_a_daemon_process_cleanly(signum, tmp_path):
     assert lines.index("stopping") < lines.index("closed")
     assert lines[-1].startswith("idle polls=")
     assert "idle stopped" in err
+
+
+@pytest.mark.parametrize("form", ["influx", "keyvalue"])
+def test_the_statistics_line_is_printed_in_the_one_form_the_config_names(form, make_config, monkeypatch, capsys):
+    """stats_log: the InfluxDB line on stdout (the default, what the dashboards read) or the key=value log
+    line, never both (the same figures twice were half of a pipeline's log)."""
+    import argparse
+    import os
+
+    from core_buffer import service
+
+    class Quiet:
+        name = "quiet"
+
+        def __init__(self) -> None:
+            self.counters = Counters("frames")
+
+        def poll(self, timeout_s: float) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        def stop(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def stats(self):
+            return self.counters.snapshot()
+
+    monkeypatch.setattr("core_buffer.metrics.serve_metrics", lambda *args: None)
+    path, config = make_config(**({} if form == "influx" else {"stats_log": form}))
+    assert config.stats_log == form
+    args = argparse.Namespace(config=str(path), log_level="INFO", stats_interval=1000.0)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert service.run_daemon("quiet", args, lambda config: Quiet()) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    captured = capsys.readouterr()  # run_daemon's logging goes to stderr
+    logged = [line.split(" INFO: ", 1)[1] for line in captured.err.splitlines() if " INFO: stats " in line]
+    if form == "influx":
+        assert captured.out.startswith(f"quiet,detector_name={config.detector_name} frames=0i,loop_errors=0i ")
+        assert logged == []
+    else:
+        assert captured.out == ""
+        assert logged == ["stats frames=0 loop_errors=0"]
+
+
+def test_a_config_with_an_unknown_statistics_form_is_refused_naming_the_key(make_config):
+    from core_buffer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'stats_log' = 'both' is invalid; expected one of 'influx', "
+                                          "'keyvalue'"):
+        make_config(stats_log="both")
+
+
+@pytest.mark.parametrize("service,role", [("std_h5_writer", "h5_writer"), ("std_assembler", "image_producer")])
+def test_a_second_daemon_of_a_role_is_refused_before_it_binds_and_the_first_cleans_up_when_it_stops(
+        service, role, make_config):
+    """A second copy of a service of one detector: refused at start naming the first, which keeps its socket
+    file (a bind would have replaced it) and its segment; the first, stopped, leaves no socket or lock file.
+    (std_h5_writer has a lock of its own besides, on its record directory; std_assembler has none.)"""
+    import os
+
+    from core_buffer.locks import role_lock, service_role
+    from core_buffer.ringbuffer import SHM_DIR, shm_name
+    from std_daq.launcher import console_script, remove_buffers
+
+    path, config = make_config()
+    (socket_file,) = service_role(service).socket_files(config)
+    lock_file = role_lock(config, service_role(service)).path
+    segment = os.path.join(SHM_DIR, shm_name(config, "images"))
+    first = subprocess.Popen([console_script(service), str(path)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(socket_file) and os.path.exists(segment)) and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        bound = os.stat(socket_file).st_ino
+        created = os.stat(segment).st_ino
+        second = subprocess.run([console_script(service), str(path)], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert (f"{service}: not starting: the {role} role of detector {config.detector_name} is held by "
+                f"pid {first.pid} (") in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None
+        assert os.stat(socket_file).st_ino == bound  # not replaced by a second bind
+        assert os.stat(segment).st_ino == created
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=30)
+        remove_buffers(config)
+    assert first.returncode == 0, err
+    assert not os.path.exists(socket_file), f"{service} left its ipc socket file"
+    assert not os.path.exists(lock_file), f"{service} left its role lock file"

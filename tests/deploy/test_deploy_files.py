@@ -286,3 +286,79 @@ def test_units_and_drop_ins_pass_systemd_analyze_verify(tmp_path):
 def test_every_service_has_a_unit():
     units = {p.name.split("@")[0].removesuffix(".service") for p in SYSTEMD.glob("*.service")}
     assert units == console_scripts() - {"std_udp_sim", "std-daq"}
+
+
+def test_the_units_documentation_is_where_the_documented_installation_puts_it():
+    """Documentation= of every unit names a file that the systemd steps of docs/operations.md install (the
+    Docker image is not what runs the units)."""
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    systemd_steps = operations.split("## systemd", 1)[1].split("\n## ", 1)[0]
+    installed = re.search(r"^\s+install -d (\S+) && install -m 0644 docs/\*\.md (\S+)/\s", systemd_steps, re.M)
+    assert installed, "the systemd steps of docs/operations.md do not install the docs"
+    assert installed.group(1) == installed.group(2)
+    for unit in sorted(SYSTEMD.glob("*.service")) + [SYSTEMD / "std-daq.target"]:
+        documentation = read_unit(unit)["Unit"]["Documentation"]
+        assert documentation.startswith(f"file://{installed.group(1)}/"), f"{unit.name}: {documentation}"
+        assert (ROOT / "docs" / documentation.rsplit("/", 1)[1]).is_file(), f"{unit.name}: {documentation}"
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def build_in_a_repository(tmp_path: Path, *args: str, tag: str | None = None
+                          ) -> tuple[subprocess.CompletedProcess, list[str], dict[str, str]]:
+    """build_std-daq-service.sh run in a small git repository of its own, with a `docker` that records its
+    arguments and the build context it is sent (there is no Docker engine here): (result, docker's
+    arguments, the context's files and their contents)."""
+    import tarfile
+
+    repo = tmp_path / "repo"
+    (repo / "docker" / "std-daq-service").mkdir(parents=True)
+    shutil.copy(DOCKER / "build_std-daq-service.sh", repo / "docker")
+    shutil.copy(DOCKER / "std-daq-service" / "Dockerfile", repo / "docker" / "std-daq-service")
+    (repo / ".gitignore").write_text(".venv/\n")
+    (repo / "module.py").write_text("committed\n")
+    (repo / "gone.py").write_text("committed, then deleted\n")
+    git(repo.parent, "init", "-q", str(repo))
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "first")
+    if tag is not None:
+        git(repo, "tag", tag)
+    (repo / "module.py").write_text("changed, not committed\n")
+    (repo / "new.py").write_text("new, not added\n")
+    (repo / "gone.py").unlink()
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "ignored.py").write_text("ignored\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/docker-args\ncat > {tmp_path}/context.tar\n')
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", str(repo / "docker" / "build_std-daq-service.sh"), *args], capture_output=True,
+                            text=True, env=env, timeout=60)
+    if result.returncode:
+        return result, [], {}
+    with tarfile.open(tmp_path / "context.tar") as tar:
+        files = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    return result, (tmp_path / "docker-args").read_text().split(), files
+
+
+def test_service_build_builds_the_checked_out_tree_by_default_in_a_repository_without_tags(tmp_path):
+    result, args, files = build_in_a_repository(tmp_path)
+    assert result.returncode == 0, result.stderr
+    tag = git(tmp_path / "repo", "rev-parse", "--short", "HEAD") + "-dirty"  # uncommitted changes
+    assert result.stdout.splitlines()[-1] == tag
+    assert f"std-daq-service:{tag}" in args and f"STD_DAQ_VERSION={tag}" in args
+    assert files["module.py"] == "changed, not committed\n" and files["new.py"] == "new, not added\n"
+    assert "gone.py" not in files and ".venv/ignored.py" not in files
+    assert "docker/std-daq-service/Dockerfile" in files
+
+
+def test_service_build_builds_a_given_revision_exactly(tmp_path):
+    result, args, files = build_in_a_repository(tmp_path, "v0.1.0", tag="v0.1.0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "v0.1.0" and "std-daq-service:v0.1.0" in args
+    assert files["module.py"] == "committed\n" and files["gone.py"] == "committed, then deleted\n"
+    assert "new.py" not in files

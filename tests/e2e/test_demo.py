@@ -43,6 +43,9 @@ def written_file(stdout: str) -> Path:
 
 def assert_nothing_left_behind() -> None:
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"std-daq-{DEMO_DETECTOR}-")]
+    # ipc sockets and lock files in the bundled config's ipc_dir, /tmp (the writer's record directory too)
+    assert not [n for n in os.listdir("/tmp") if n.startswith(f"std-daq-{DEMO_DETECTOR}-")
+                or n == f"std-daq-{DEMO_DETECTOR}.lock"]
     left = []
     for proc in psutil.process_iter(["cmdline"]):
         if any("demo-config.json" in part for part in proc.info["cmdline"] or ()):
@@ -203,3 +206,35 @@ def test_demo_refuses_a_count_of_no_images_before_starting_anything(tmp_path):
     assert result.returncode == 2
     assert "--images: must be more than 0" in result.stderr
     assert not (tmp_path / "services.log").exists()
+
+
+def test_a_demo_is_refused_while_the_detector_is_held_naming_the_holder(tmp_path):
+    """As by another demo, or a `std-daq up` of the bundled config: refused before it writes anything into
+    its directory (the running one's demo-config.json names its ports) or starts anything."""
+    import sys
+    import textwrap
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from core_buffer.config import load_config
+        from std_daq.demo import bundled_config_path
+        from std_daq.launcher import claim_detector
+        lock = claim_detector(load_config(bundled_config_path()))
+        print("held", flush=True)
+        sys.stdin.readline()
+        lock.release()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run([shutil.which("std-daq"), "demo", "--images", "5", "--dir", str(tmp_path / "demo")],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        holder.stdout.close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith(f"std-daq demo: not starting: detector {DEMO_DETECTOR} is held by pid "
+                                    f"{holder.pid} (")
+    assert "Nothing was started or removed." in result.stdout
+    assert not (tmp_path / "demo").exists()
+    assert_nothing_left_behind()

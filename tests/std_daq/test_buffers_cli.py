@@ -124,3 +124,34 @@ def test_rm_by_name_never_touches_a_segment_called_otherwise(make_config):
         assert os.path.exists(os.path.join(SHM_DIR, name))
     finally:
         posix_ipc.unlink_shared_memory("/" + name)
+
+
+def test_rm_refuses_a_segment_a_live_process_maps_naming_it_and_removes_nothing(make_config):
+    """Removing the name would not free the memory of the process that maps it, but the next service would
+    create a new segment under that name, splitting the pipeline in two that each look healthy."""
+    import sys
+    import textwrap
+
+    path, config = make_config()
+    ImageBuffer.for_config(config).close()  # unused: it may go
+    mapper = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from core_buffer import FrameBuffer, load_config
+        frames = FrameBuffer.for_config(load_config(sys.argv[1]))
+        print("mapped", flush=True)
+        sys.stdin.readline()
+    """), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    frames, images = (f"std-daq-{config.detector_name}-{kind}" for kind in ("frames", "images"))
+    try:
+        assert mapper.stdout.readline().strip() == "mapped"
+        result = std_daq("buffers", "rm", "--all", "--prefix", f"std-daq-{config.detector_name}")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.startswith(f"std-daq buffers rm: removed nothing: {frames} is used by pid {mapper.pid} (")
+        assert "Traceback" not in result.stderr
+        assert os.path.exists(os.path.join(SHM_DIR, frames)) and os.path.exists(os.path.join(SHM_DIR, images))
+    finally:
+        mapper.stdin.close()
+        mapper.wait(timeout=10)
+        mapper.stdout.close()
+    result = std_daq("buffers", "rm", frames, images)
+    assert result.returncode == 0 and result.stdout.split() == ["removed", frames, "removed", images]

@@ -148,3 +148,142 @@ def test_a_replica_config_runs_std_stream_recv_in_place_of_the_receivers_and_the
     assert os.path.basename(specs[0].argv[0]) == "std_stream_recv" and specs[0].argv[1] == "r.json"
     # The stream receiver is the replica's producer: it stops before the agent and the writer.
     assert specs[0].stop_rank < specs[1].stop_rank < specs[2].stop_rank
+
+
+# -- one pipeline per detector ------------------------------------------------------------------------
+
+CLAIM = textwrap.dedent("""
+    import sys
+    from core_buffer.config import load_config
+    from core_buffer.locks import role_lock, service_role
+    from std_daq.launcher import claim_detector
+    config = load_config(sys.argv[1])
+    lock = claim_detector(config) if sys.argv[2] == "detector" else role_lock(config, service_role(sys.argv[2])).acquire()
+    print("held", flush=True)
+    sys.stdin.readline()
+    lock.release()
+""")
+
+
+class Holder:
+    """Another process holding the detector's lock (as `std-daq up` does) or a role's (as a service does)."""
+
+    def __init__(self, config_path, what: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CLAIM, str(config_path), what], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=10) == 0
+        self.proc.stdout.close()
+
+
+def test_a_second_claim_of_a_detector_is_refused_naming_the_holder(make_config):
+    from std_daq.launcher import PipelineRunning, claim_detector
+
+    path, config = make_config()
+    holder = Holder(path, "detector")
+    try:
+        with pytest.raises(PipelineRunning, match=rf"detector {config.detector_name} is held by pid "
+                                                   rf"{holder.proc.pid} \(.*{path.name} detector\)"):
+            claim_detector(config)
+    finally:
+        holder.stop()
+    claim_detector(config).release()  # free once the holder is gone
+    assert not os.path.exists(f"/tmp/std-daq-{config.detector_name}.lock")
+
+
+def test_a_claim_is_refused_while_a_service_of_the_detector_runs_without_a_launcher(make_config):
+    from std_daq.launcher import PipelineRunning, claim_detector
+
+    path, config = make_config()
+    holder = Holder(path, "std_assembler")  # as a systemd unit's std_assembler holds its role
+    try:
+        with pytest.raises(PipelineRunning, match=rf"run already, without a launcher .*: image_producer by pid "
+                                                   rf"{holder.proc.pid} "):
+            claim_detector(config)
+    finally:
+        holder.stop()
+    assert not [name for name in os.listdir("/tmp") if name.startswith(f"std-daq-{config.detector_name}")]
+
+
+MAP = textwrap.dedent("""
+    import sys
+    from core_buffer import FrameBuffer, load_config
+    frames = FrameBuffer.for_config(load_config(sys.argv[1]))
+    print("mapped", flush=True)
+    sys.stdin.readline()
+    frames.close()
+""")
+
+
+def test_segments_a_live_process_maps_are_never_removed_and_block_a_claim(make_config):
+    from std_daq.launcher import PipelineRunning, claim_detector, remove_buffers
+
+    path, config = make_config()
+    user = subprocess.Popen([sys.executable, "-c", MAP, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    frames = f"std-daq-{config.detector_name}-frames"
+    try:
+        assert user.stdout.readline().strip() == "mapped"
+        with pytest.raises(PipelineRunning, match=rf"shared memory of detector {config.detector_name} is in use: "
+                                                   rf"{frames} by pid {user.pid} "):
+            claim_detector(config)
+        removal = remove_buffers(config)
+        assert removal.removed == [] and removal.in_use == {frames: [user.pid]}
+        assert f"left {frames}: in use by pid {user.pid} (" in removal.describe()
+        assert os.path.exists(f"/dev/shm/{frames}")
+    finally:
+        user.stdin.close()
+        user.wait(timeout=10)
+        user.stdout.close()
+    assert remove_buffers(config).removed == [frames]
+
+
+def test_stale_socket_files_go_only_where_nobody_holds_the_role(make_config):
+    import socket
+
+    from core_buffer.locks import role_lock, service_role
+    from std_daq.launcher import remove_stale_sockets
+
+    _, config = make_config()
+    paths = {name: f"/tmp/std-daq-{config.detector_name}-{name}" for name in ("frames-0", "assembler", "writer_status")}
+    for name in ("frames-0", "assembler"):
+        with socket.socket(socket.AF_UNIX) as sock:  # a socket file as a killed service leaves it
+            sock.bind(paths[name])
+    with open(paths["writer_status"], "w") as f:  # not a socket: never ours to remove
+        f.write("x")
+    try:
+        with role_lock(config, service_role("std_assembler")):
+            assert remove_stale_sockets(config) == [paths["frames-0"]]
+            assert os.path.exists(paths["assembler"])  # its role is held: the holder's socket
+        assert remove_stale_sockets(config) == [paths["assembler"]]
+        assert os.path.exists(paths["writer_status"])
+    finally:
+        for path in paths.values():
+            if os.path.lexists(path):
+                os.unlink(path)
+
+
+def test_up_says_at_start_when_writes_will_be_refused(make_config, tmp_path):
+    from std_daq.launcher import output_warnings
+
+    _, without = make_config()
+    assert output_warnings(without) == [
+        f"no output_dirs in {without.source}: every write will be refused; set config key output_dirs, e.g. "
+        f'"output_dirs": ["/data/{without.detector_name}"]']
+    _, missing = make_config(output_dirs=[str(tmp_path), str(tmp_path / "not-made")])
+    assert output_warnings(missing) == [f"output_dirs entry {tmp_path / 'not-made'} is not an existing directory: "
+                                        "writes into it will be refused until it is"]
+
+
+@pytest.mark.parametrize("name", ["demo_jungfrau_2m", "eiger_500k", "gigafrost_2016", "jungfrau_1m", "jungfrau_4m"])
+def test_every_bundled_config_can_write_on_a_first_try(name):
+    from importlib import resources
+
+    from core_buffer.config import load_config
+    from std_daq.launcher import output_warnings
+
+    config = load_config(resources.files("core_buffer") / "configs" / f"{name}.json")
+    assert config.output_dirs and output_warnings(config) == []

@@ -1,4 +1,6 @@
 """`std-daq status`: scraping real metrics endpoints and the one-screen summary built from two scrapes."""
+import os
+
 from core_buffer.metrics import MetricsServer
 from tests.conftest import free_tcp_port_block
 from std_daq.status import ServiceMetrics, format_status, scrape, summarise, writer_lag, writer_state
@@ -67,3 +69,72 @@ def test_a_replica_servers_status_shows_its_stream_receiver_and_the_writer_behin
     assert writer_lag(first, second) == 7
     text = format_status(config, summarise(first, second, 1.0), writer_lag(first, second), writer_state(second))
     assert "writer writing, 7 images behind the stream receiver" in text
+
+
+def test_the_title_counts_one_module_in_the_singular(make_config):
+    _, one = make_config()
+    _, two = make_config(n_modules=2, image_pixel_height=1024)
+    assert format_status(one, [], None).splitlines()[0].endswith("(jungfrau, 1 module)")
+    assert format_status(two, [], None).splitlines()[0].endswith("(jungfrau, 2 modules)")
+
+
+def start_as(script_dir, service: str, *args: str):
+    """A process whose command line is that of a service's console script (`python .../bin/<service> ARGS`),
+    as a service left by an older std-daq without locks, or started with a copy of the config that names
+    another ipc_dir, looks on the machine. It only sleeps."""
+    import subprocess
+    import sys
+
+    script = script_dir / service
+    script.write_text("import sys, time\nprint('up', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    return proc
+
+
+def test_two_services_in_one_role_of_the_detector_are_an_error(make_config, tmp_path):
+    import shutil
+    import subprocess
+
+    from std_daq.status import detector_processes, duplicate_roles
+
+    path, config = make_config(n_modules=2, image_pixel_height=1024)
+    copy = tmp_path / "copy-with-another-ipc-dir.json"  # same detector, other file: still the same segments
+    copy.write_text(path.read_text().replace('"stats_interval_s"', '"ipc_dir": "/run", "stats_interval_s"'))
+    _, other = make_config(detector_name="other" + config.detector_name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    procs = [start_as(bin_dir, "std_assembler", str(path)), start_as(bin_dir, "std_assembler", str(copy)),
+             start_as(bin_dir, "std_udp_recv", str(path), "0"), start_as(bin_dir, "std_udp_recv", str(path), "1"),
+             start_as(bin_dir, "std_h5_writer", str(other.source))]
+    try:
+        found = detector_processes(config)
+        assert sorted(p.pid for p in found) == sorted(p.pid for p in procs[:4])
+        duplicates = duplicate_roles(found)
+        assert [(d.role, [p.pid for p in d.processes]) for d in duplicates] == [
+            ("image_producer", sorted([procs[0].pid, procs[1].pid]))]
+        text = format_status(config, [], None, None, duplicates)
+        assert f"  ERROR: 2 processes in the image_producer role: pid {min(procs[0].pid, procs[1].pid)} (" in text
+        result = subprocess.run([shutil.which("std-daq"), "status", str(path), "--interval", "0.1"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert "ERROR: 2 processes in the image_producer role" in result.stdout, result.stdout + result.stderr
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+    assert duplicate_roles(detector_processes(config)) == []
+
+
+def test_status_names_the_launcher_that_holds_the_detector(make_config):
+    from core_buffer.locks import detector_lock
+    from std_daq.status import launcher_of
+
+    _, config = make_config()
+    assert launcher_of(config) is None
+    with detector_lock(config):
+        holder = launcher_of(config)
+        assert holder is not None and holder.pid == os.getpid()
+        text = format_status(config, [], None, launcher=holder)
+        assert text.splitlines()[1] == f"  launcher: pid {os.getpid()} ({holder.command})"

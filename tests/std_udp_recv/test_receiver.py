@@ -563,7 +563,7 @@ def _pull_of_a_started_receiver(config, recv: subprocess.Popen):
 
 def test_sim_and_receiver_processes_end_to_end(make_config):
     """The console scripts as the launcher runs them: frames arrive and the receiver stops on SIGTERM."""
-    path, config = make_config()
+    path, config = make_config(stats_log="keyvalue")  # the final statistics as a log line, on stderr
     recv = subprocess.Popen(["std_udp_recv", str(path), "0"], stderr=subprocess.PIPE, text=True)
     pull = None
     try:
