@@ -6,31 +6,36 @@ broker_link.py for why): the loop hands it statuses and acks and takes requests 
 never waits on RabbitMQ. When the connection drops, the write goes on, statuses wait in the link's
 outbox, and the link reconnects with exponential backoff and publishes them in order.
 
-A request's life: `request_start` as soon as it is taken; a bad one gets `request_fail` at once. A good
-one SUBscribes to the ImageMetadata stream (dropping what comes while std_h5_writer has not taken the
-start), sends start, forwards the next n_images images as writes,
-then stop, and waits for the writer's final status; `request_progress` follows each writer status while
-it writes, and goes out at least once a second in any case (BUSY_REPORT_S); the end is exactly
-one `request_success` (JSON summary) or `request_fail` (a reason). The summary also accounts for the images
-forwarded (ImageTally: how many of each ImageMetadata status, the image ids skipped between them), so
-that nothing the detector sent goes missing unreported. The delivery is acked right after
-that final status has been confirmed by the broker. Prefetch 1 keeps the other requests waiting in the
-broker queue.
+A request's life: `request_start` as soon as it is taken, that is received from the broker, whether it
+runs at once or waits in the agent's queue behind others (request_queue.py); a bad one gets
+`request_fail` right after. When its turn comes, a good one SUBscribes to the ImageMetadata stream
+(dropping what comes while std_h5_writer has not taken the start), sends start, forwards the next n_images
+images as writes, then stop, and waits for the writer's final status; `request_progress` follows each
+writer status while it writes, and goes out at least once a second in any case (BUSY_REPORT_S); the end is
+exactly one `request_success` (JSON summary) or `request_fail` (a reason). The summary also accounts for
+the images forwarded (ImageTally: how many of each ImageMetadata status, the image ids skipped between
+them), so that nothing the detector sent goes missing unreported. The delivery is acked right after that
+final status has been confirmed by the broker.
 
-The agent keeps a small record file next to the ipc sockets: the running request, and the final
-statuses the broker has not confirmed yet. An agent that starts and finds one (its predecessor crashed or
-was killed -9) publishes the owed final statuses, and stops the run it finds in the writer and ends that
-request with request_fail, so no request is left without a final status.
+Kills name a running or queued request by its id, a unique prefix of it, or `current`; each is answered
+with `kill_accepted` or `kill_refused`. A query on the request exchange (header `query: requests`) is
+answered with `request_list`. docs/writer_agent.md has the protocol.
+
+The agent keeps a small record file next to the ipc sockets: the running request, the queued ones, and
+the final statuses the broker has not confirmed yet. An agent that starts and finds one (its predecessor
+crashed or was killed -9) publishes the owed final statuses, stops the run it finds in the writer and ends
+that request with request_fail, and fails the queued ones, so no request is left without a final status.
 """
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import json
 import logging
 import os
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import zmq
 
@@ -43,110 +48,31 @@ from core_buffer.ipc import (image_metadata_address, ipc_file, make_socket, stor
 from core_buffer.service import Counters
 from writer_agent.broker_link import CONNECT_TIMEOUT_S, BrokerLink, Delivery, Kill, Published
 from writer_agent.request import BadRequest, WriteRequest, parse_request
+from writer_agent.request_queue import Queued, RequestQueue, resolve_kill
+from writer_agent.tally import TALLY_FIELDS, ImageTally, describe_tally
 
 log = logging.getLogger("writer_agent")
 
 SOURCE = "writer_agent"
 HWM = 100000
-KILLED_MEMORY = 1000  # kills of requests not (yet) seen, remembered for when their turn comes
+FINISHED_MEMORY = 1000  # ids of requests that ended, so a kill of one says it finished (not "unknown")
+# The actions of the kill answers and of the request listing (docs/writer_agent.md).
+KILL_ACCEPTED, KILL_REFUSED, REQUEST_LIST = "kill_accepted", "kill_refused", "request_list"
+QUERY_REQUESTS = "requests"  # the one query: the running and the queued requests
+STOPPING_REFUSAL = ("writer_agent is stopping (SIGTERM) and did not start this request; no file was created; "
+                    "send it again once the agent is back")
 STOP_GRACE_S = 3.0  # on SIGTERM, how long to wait for the writer to close the running file
 FLUSH_GRACE_S = 2.0  # on SIGTERM, how long to wait for the broker to confirm the statuses still queued
 INTAKE_GRACE_S = 2.0  # on SIGTERM, how long to wait for the link to hand over the requests still queued
 # While a request runs, a status goes out at least this often, in every state (waiting for the writer,
-# writing, stopping), whether or not std_h5_writer reports: for a client whose request waits in the queue,
-# the statuses of the running one are the only sign that the agent is alive and busy (std_daq.client's
-# RequestNotTaken waits START_TIMEOUT_S = 5 s for one).
+# writing, stopping), whether or not std_h5_writer reports: for a client whose request waits in the queue
+# (it has its request_start, and nothing more until its turn), the statuses of the running one are the only
+# sign that the agent is alive and busy.
 BUSY_REPORT_S = 1.0
 WRITER_SILENT_MIN_S = 2.0  # see AgentSettings.writer_silent_s
 START_RETRY_S = 0.02  # how often a start that std_h5_writer has not taken is sent again
+RECORD_LAZY_S = 0.1  # a record change that is not urgent (a final status confirmed) is written within this
 MAX_QUEUED_PROGRESS = 1000  # in a long broker outage, progress reports beyond this many waiting are dropped
-# ImageMetadata.status 0..3 (design document §4), counted under the names std_assembler's counters use;
-# any other value (none is defined) goes to "images_other_status".
-STATUS_FIELDS = ("images_good", "images_missing_packets", "images_mismatch", "images_missing_module")
-TALLY_FIELDS = (*STATUS_FIELDS, "images_other_status", "images_incomplete", "image_id_gaps", "image_ids_skipped",
-                "image_id_backward_jumps")
-
-
-class ImageTally:
-    """What the images a request forwarded to std_h5_writer were: how many of each ImageMetadata status,
-    and the jumps in their ids, in the order they were forwarded (the order of the file's rows).
-
-    Ids of Jungfrau, Eiger and Gigafrost are frame counters, consecutive within a run of the detector, and
-    std_assembler publishes a run's ids in rising order; so a step of more than one is images the detector
-    counted that the file does not hold (they never reached the ImageBuffer: a receiver or the assembler
-    restarting; or the detector skipped them). Images the agent itself lost are not among those skips,
-    since they are reported apart: `add` takes the number of images it missed just before this one
-    (sequence gaps), which are taken off the step, and `passed` notes the id of an image it could not
-    hand to std_h5_writer (images_dropped) without counting it. A step to an id not above the previous
-    one is not a skip: the detector restarted (its counter began again) or an id repeated; it is counted in
-    `image_id_backward_jumps`, and counting goes on from the new id. `add` is the agent's per-image path:
-    two list increments and an integer comparison.
-
-    `totals`, if given, is the agent's tally over all requests, counted along (its own `add` is never
-    called: a jump between two requests' images is none of theirs)."""
-
-    __slots__ = ("statuses", "last_id", "gaps", "skipped", "backward", "totals")
-
-    def __init__(self, totals: ImageTally | None = None) -> None:
-        self.statuses = [0] * (len(STATUS_FIELDS) + 1)  # the last one: any other status value
-        self.last_id: int | None = None
-        self.gaps = self.skipped = self.backward = 0
-        self.totals = totals
-
-    def add(self, image_id: int, status: int, missed: int = 0) -> None:
-        """An image forwarded; `missed`: how many images the agent missed right before it (a sequence gap)."""
-        i = status if status < len(STATUS_FIELDS) else -1
-        self.statuses[i] += 1
-        if self.totals is not None:
-            self.totals.statuses[i] += 1
-        last, self.last_id = self.last_id, image_id
-        if last is not None and image_id != last + 1:
-            self._jump(image_id - last, missed)
-
-    def passed(self, image_id: int) -> None:
-        """An image that reached the agent and was not forwarded (counted in images_dropped): the next
-        step is measured from it, so it is no skip of the detector's."""
-        self.last_id = image_id
-
-    def _jump(self, step: int, missed: int) -> None:
-        tallies = (self,) if self.totals is None else (self, self.totals)
-        if step < 1:
-            for tally in tallies:
-                tally.backward += 1
-            return
-        skipped = step - 1 - missed  # the ids the agent's own misses do not explain
-        if skipped > 0:
-            for tally in tallies:
-                tally.gaps += 1
-                tally.skipped += skipped
-
-    def counts(self) -> dict[str, int]:
-        """The TALLY_FIELDS, as they go into the request's summary."""
-        out = dict(zip((*STATUS_FIELDS, "images_other_status"), self.statuses))
-        out["images_incomplete"] = sum(self.statuses) - self.statuses[0]
-        out["image_id_gaps"], out["image_ids_skipped"] = self.gaps, self.skipped
-        out["image_id_backward_jumps"] = self.backward
-        return out
-
-
-def describe_tally(counts: Mapping[str, int], n_images: int, skips_expected: bool) -> list[str]:
-    """Phrases for what is wrong in a tally's counts (none when nothing is): skipped ids (left out when
-    `skips_expected`: pulse ids as image ids, where a reduced rate skips ids by design), ids going back,
-    incomplete images."""
-    out = []
-    if counts["image_ids_skipped"] and not skips_expected:
-        gaps = counts["image_id_gaps"]
-        out.append(f"{counts['image_ids_skipped']} image ids skipped in {gaps} gap{'s' if gaps != 1 else ''} "
-                   "(images the detector counted that never reached the ImageBuffer, or that it skipped)")
-    if counts["image_id_backward_jumps"]:
-        out.append(f"the image id went back {counts['image_id_backward_jumps']} time(s) (a detector restart?)")
-    if counts["images_incomplete"]:
-        kinds = ", ".join(f"{counts[name]} {name[len('images_'):].replace('_', ' ')}"
-                          for name in (*STATUS_FIELDS[1:], "images_other_status") if counts[name])
-        out.append(f"{counts['images_incomplete']} of {n_images} images incomplete ({kinds})")
-    return out
-
-
 class AgentSettings:
     """The "writer_agent" config section."""
 
@@ -205,18 +131,22 @@ class WriterAgent:
         self.writer_status = make_socket(self.context, zmq.PULL, hwm=HWM)
         self.writer_status.connect(writer_status_address(config))
         self.counters = Counters("requests", "requests_succeeded", "requests_failed", "requests_rejected",
-                                 "requests_killed", "images_forwarded", "images_dropped", "sequence_gaps",
+                                 "requests_killed", "requests_queued", "kills_accepted", "kills_refused",
+                                 "images_forwarded", "images_dropped", "sequence_gaps",
                                  "bad_messages", *TALLY_FIELDS,
                                  "writer_timeouts", "broker_connected", "broker_reconnects",
                                  "statuses_pending", "statuses_dropped", "busy")
         self.job: Job | None = None
         self.tally = ImageTally()  # of every image forwarded since the start (the requests' tallies add to it)
         self.stopping = False  # set by stop(): requests that reach the agent from then on are refused
-        self.waiting: collections.deque[Delivery] = collections.deque()
-        self.killed: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.queue = RequestQueue()  # taken (request_start sent), waiting for the running one to end
+        self.finished: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> final action
         # Final statuses handed to the link and not yet confirmed by the broker, by request id; they
         # stay in the record file until confirmed, so a crash meanwhile does not lose them.
         self.owed: collections.OrderedDict[str, broker.StatusMessage] = collections.OrderedDict()
+        self._held: list[tuple[broker.StatusMessage, Delivery | None, bool]] | None = None  # see _batch
+        self._record_stale = False  # the record is out of date, and must be written before statuses go out
+        self._record_due: float | None = None  # the record is out of date, to be written by then (RECORD_LAZY_S)
         self.record_path = ipc_file(config, "writer_agent.inflight.json")
         wake_address = f"inproc://writer_agent-wake-{id(self):x}"
         self.wake = self.context.socket(zmq.PAIR)
@@ -247,8 +177,39 @@ class WriterAgent:
         final = action in broker.FINAL_ACTIONS
         if final:
             self.owed[request_id] = status
+            self._note_finished(request_id, action)
+        if self._held is not None:
+            self._record_stale |= final
+            self._held.append((status, ack, final))
+            return
+        if final:
             self._save_record()
         self.link.publish(status, ack=ack, final=final)
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Statuses published inside go to the link together at the end, after one save of the record
+        (if the queue or the owed statuses changed). A burst of requests then costs one record write, not
+        one per request, and no request_start goes out before the record holds its request (an agent
+        killed right after would otherwise leave a started request without its final status)."""
+        if self._held is not None:
+            yield  # nested: the outer batch sends
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if self._record_stale:
+                self._save_record()
+            for status, ack, final in held:
+                self.link.publish(status, ack=ack, final=final)
+
+    def _note_finished(self, request_id: str, action: str) -> None:
+        self.finished[request_id] = action
+        self.finished.move_to_end(request_id)
+        while len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)
 
     def _handle_link_events(self) -> None:
         while True:  # drain the wake-ups first: an event posted after this is still read below
@@ -256,60 +217,139 @@ class WriterAgent:
                 self.wake.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-        for event in self.link.events():
-            if isinstance(event, Delivery):
-                if self.stopping:
-                    self._refuse_stopping(event)
-                elif self.job is not None:
-                    self.waiting.append(event)  # only after a reconnect: the old queue's request is still running
-                else:
-                    self._take(event)
-            elif isinstance(event, Kill):
-                self._on_kill(event.request_id)
-            elif isinstance(event, Published):
-                if self.owed.pop(event.request_id, None) is not None:
-                    self._save_record()
+        with self._batch():
+            for event in self.link.events():
+                if isinstance(event, Delivery):
+                    self._on_delivery(event)
+                elif isinstance(event, Kill):
+                    self._on_kill(event.request_id)
+                elif isinstance(event, Published):
+                    if self.owed.pop(event.request_id, None) is not None and self._record_due is None:
+                        # Not urgent: until it is written, a crash would only publish this final status
+                        # again (at least once, as documented). Under load the next write comes sooner.
+                        self._record_due = time.monotonic() + RECORD_LAZY_S
+            self._start_next()
 
-    def _on_kill(self, request_id: str) -> None:
+    def _on_delivery(self, delivery: Delivery) -> None:
+        if delivery.query is not None:
+            self._answer_query(delivery)
+        elif self.stopping:
+            self._refuse_stopping(delivery)
+        else:
+            self._take(delivery)
+
+    # --- kills and the request listing ------------------------------------------------------------------
+
+    def _on_kill(self, target: str) -> None:
+        """A kill, `target` its correlation_id as sent: a request id, a unique prefix of one, or "current"."""
         job = self.job
-        if job is None or job.request.request_id != request_id:
-            self.killed[request_id] = time.monotonic()
-            while len(self.killed) > KILLED_MEMORY:
-                self.killed.popitem(last=False)
-            return
+        running = job.request.request_id if job is not None else None
+        request_id, why = resolve_kill(target, running, self.queue.ids(), self.finished)
+        if request_id is None:
+            self._answer_kill(target, KILL_REFUSED, why)
+        elif request_id == running:
+            self._kill_running(target, job)
+        else:
+            self._kill_queued(target, self.queue.remove(request_id))
+
+    def _answer_kill(self, target: str, action: str, message: str) -> None:
+        if action == KILL_ACCEPTED:
+            self.counters.kills_accepted += 1
+        else:
+            self.counters.kills_refused += 1
+            log.info("kill %r refused: %s", target, message)
+        self._publish(target, b"", action, message)
+
+    def _kill_running(self, target: str, job: Job) -> None:
+        request_id = job.request.request_id
         if job.state == Job.STARTING:
             # No start went out, so there is no file and nothing for the writer to stop: end it now.
+            self._answer_kill(target, KILL_ACCEPTED, request_id)
             log.info("request %s: killed before std_h5_writer took its start", request_id)
             self.counters.requests_killed += 1
             self._end(job, None, "killed before the write started (std_h5_writer had not taken the start yet); "
                                  "no file was created")
         elif job.state == Job.WRITING:
+            self._answer_kill(target, KILL_ACCEPTED, request_id)
             log.info("request %s: killed after %d of %d images", request_id, job.forwarded, job.request.n_images)
             job.killed = True
             self._send_stop(job)
-        else:
-            log.info("request %s: kill ignored, the write is already being stopped", request_id)
+        elif job.killed:  # a second kill of it: accepted again, the first one is stopping it
+            self._answer_kill(target, KILL_ACCEPTED, request_id)
+        else:  # stopping anyway (all images forwarded, image_timeout_s, SIGTERM) or recovering
+            why = job.failure or "all its images were forwarded and std_h5_writer is closing the file"
+            self._answer_kill(target, KILL_REFUSED, f"request {request_id} is already being stopped ({why}); "
+                                                    "its final status follows")
 
-    # --- the record of the running request and the owed final statuses ------------------------------
+    def _kill_queued(self, target: str, queued: Queued) -> None:
+        request_id = queued.request_id
+        self._answer_kill(target, KILL_ACCEPTED, request_id)
+        log.info("request %s: killed while queued", request_id)
+        self._record_changed()
+        self.counters.requests_killed += 1
+        self.counters.requests_failed += 1
+        self._publish(request_id, queued.delivery.body, broker.REQUEST_FAIL,
+                      "killed before it started: a kill for this request arrived while it was queued; "
+                      "no file was created", ack=queued.delivery)
+
+    def _answer_query(self, delivery: Delivery) -> None:
+        """A message on the request exchange with the `query` header: a question, not a write."""
+        if delivery.query != QUERY_REQUESTS:
+            # Answered as the bad request it is (request_start, request_fail), so that a client waiting for
+            # the final status of its message gets one.
+            self._publish(delivery.request_id, delivery.body, broker.REQUEST_START,
+                          "request taken by writer_agent")
+            self._reject(delivery, BadRequest(f"unknown query {delivery.query!r} (the query header's one value is "
+                                              f"{QUERY_REQUESTS!r})"))
+            return
+        self._publish(delivery.request_id, delivery.body, REQUEST_LIST, json.dumps(self._listing()), ack=delivery)
+
+    def _listing(self) -> list[dict]:
+        """The running request, then the queued ones in order (docs/writer_agent.md, request_list)."""
+        listed = []
+        job = self.job
+        if job is not None:
+            r = job.request
+            listed.append({"request_id": r.request_id, "state": "running", "output_file": r.output_file,
+                           "n_images": r.n_images, "n_written": job.n_written})
+        for queued in self.queue:
+            r = queued.request
+            listed.append({"request_id": r.request_id, "state": "queued", "output_file": r.output_file,
+                           "n_images": r.n_images, "n_written": 0})
+        return listed
+
+    # --- the record of the running and queued requests and the owed final statuses -----------------
+
+    def _record_changed(self) -> None:
+        """The running or queued requests changed: write the record now, or at the end of the batch."""
+        if self._held is not None:
+            self._record_stale = True
+        else:
+            self._save_record()
 
     def _save_record(self) -> None:
-        """Note the running request and the unconfirmed final statuses on disk (or remove the file when
-        there are none), so an agent restarted after a crash can end the one and publish the others."""
+        """Note the running request, the queued ones and the unconfirmed final statuses on disk (or remove
+        the file when there are none), so an agent restarted after a crash can end the running and the
+        queued requests and publish the owed statuses."""
+        self._record_stale = False
+        self._record_due = None
         running = None
         if self.job is not None:
             r = self.job.request
             running = {"request_id": r.request_id, "body": base64.b64encode(self.job.delivery.body).decode(),
                        "output_file": r.output_file, "n_images": r.n_images, "run_id": r.run_id,
                        "user_id": r.user_id}
+        queued = [item.record for item in self.queue]
         owed = [{"request_id": s.request_id, "action": s.action, "message": s.message,
                  "body": base64.b64encode(s.body).decode()} for s in self.owed.values()]
         try:
-            if running is None and not owed:
+            if running is None and not queued and not owed:
                 os.unlink(self.record_path)
                 return
             tmp = self.record_path + ".tmp"
+            text = json.dumps({"running": running, "queued": queued, "owed": owed})  # (json.dump is not in C)
             with open(tmp, "w") as f:
-                json.dump({"running": running, "owed": owed}, f)
+                f.write(text)
             os.replace(tmp, self.record_path)
         except FileNotFoundError:
             pass
@@ -318,15 +358,16 @@ class WriterAgent:
                         self.record_path, exc)
 
     def _recover(self) -> None:
-        """Publish the final statuses the previous agent owed, and end the request it was running when it
-        died: stop the writer's file and publish request_fail, once the writer has closed it (or has not
-        answered in writer_timeout_s)."""
+        """Publish the final statuses the previous agent owed, end the request it was running when it
+        died (stop the writer's file and publish request_fail once the writer has closed it, or has not
+        answered in writer_timeout_s), and fail the requests it had queued (they had their request_start)."""
         try:
             with open(self.record_path) as f:
                 record = json.load(f)
             running = record.get("running") if "running" in record else record  # or the one-request format
             owed = [broker.StatusMessage(str(s["request_id"]), str(s["action"]), SOURCE, str(s["message"]),
                                          base64.b64decode(s["body"])) for s in record.get("owed", [])]
+            queued = [(str(q["request_id"]), base64.b64decode(q["body"])) for q in record.get("queued", [])]
             request = body = None
             if running is not None:
                 request = WriteRequest(str(running["request_id"]), str(running["output_file"]),
@@ -338,47 +379,71 @@ class WriterAgent:
             log.error("ignoring the unreadable %s (%s)", self.record_path, exc)
             self._save_record()
             return
-        for status in owed:
-            log.warning("request %s: publishing the %s the previous writer_agent could not", status.request_id,
-                        status.action)
-            self._publish(status.request_id, status.body, status.action, status.message)
-        if request is None:
-            return
-        log.warning("request %s was running when the previous writer_agent died; ending it", request.request_id)
-        images = make_socket(self.context, zmq.SUB, hwm=1)
-        job = Job(request, Delivery(-1, 0, request.request_id, body), images)
-        job.state = Job.RECOVERING
-        job.failure = "writer_agent restarted during the write (it had crashed or was killed)"
-        self.job = job
-        self.counters.busy = 1
-        self._save_record()
+        if request is not None:  # first, so that every record saved from here on still holds it
+            log.warning("request %s was running when the previous writer_agent died; ending it",
+                        request.request_id)
+            images = make_socket(self.context, zmq.SUB, hwm=1)
+            job = Job(request, Delivery(-1, 0, request.request_id, body), images)
+            job.state = Job.RECOVERING
+            job.failure = "writer_agent restarted during the write (it had crashed or was killed)"
+            self.job = job
+            self.counters.busy = 1
+        with self._batch():
+            self._record_stale = True
+            for status in owed:
+                log.warning("request %s: publishing the %s the previous writer_agent could not", status.request_id,
+                            status.action)
+                self._publish(status.request_id, status.body, status.action, status.message)
+            for request_id, queued_body in queued:
+                log.warning("request %s was queued when the previous writer_agent died; failing it", request_id)
+                self.counters.requests_failed += 1
+                self._publish(request_id, queued_body, broker.REQUEST_FAIL,
+                              "writer_agent restarted before this request started (it had crashed or was killed "
+                              "while the request was queued); no file was created; send it again")
 
     # --- requests -------------------------------------------------------------------------------------
 
     def _take(self, delivery: Delivery) -> None:
+        """A write request received: it is taken now, whether it runs at once or waits behind others, and
+        gets its request_start now (after the record holds it: _batch); a bad one gets request_fail
+        right after. It runs when its turn comes (_start_next)."""
         self.counters.requests += 1
-        rid = delivery.request_id
-        self._publish(rid, delivery.body, broker.REQUEST_START, "request taken by writer_agent")
+        ahead = len(self.queue) + (self.job is not None)
+        self._publish(delivery.request_id, delivery.body, broker.REQUEST_START, "request taken by writer_agent" +
+                      (f"; {ahead} request{'s' if ahead != 1 else ''} ahead of it" if ahead else ""))
         try:
-            if self.killed.pop(rid, None) is not None:
-                raise BadRequest("killed before it started: a kill for this request arrived while it was queued")
-            request = parse_request(rid, delivery.body, output_dirs=self.config.output_dirs,
+            request = parse_request(delivery.request_id, delivery.body, output_dirs=self.config.output_dirs,
                                     overwrite=self.config.overwrite_files, max_images=self.settings.max_images)
         except Exception as exc:  # noqa: BLE001 - whatever the body does, the request gets its final status
             if not isinstance(exc, BadRequest):
-                log.error("request %s: unexpected %s while reading it", rid, type(exc).__name__, exc_info=exc)
+                log.error("request %s: unexpected %s while reading it", delivery.request_id, type(exc).__name__,
+                          exc_info=exc)
                 exc = BadRequest(f"writer_agent could not read the request ({type(exc).__name__}: {exc})")
-            self.counters.requests_rejected += 1
-            self.counters.requests_failed += 1
-            log.warning("request %s refused: %s", rid or "(no id)", exc)
-            self._publish(rid, delivery.body, broker.REQUEST_FAIL, str(exc), ack=delivery)
+            self._reject(delivery, exc)
             return
+        self.queue.append(Queued(delivery, request))
+        self._record_changed()
+
+    def _reject(self, delivery: Delivery, problem: BadRequest) -> None:
+        self.counters.requests_rejected += 1
+        self.counters.requests_failed += 1
+        log.warning("request %s refused: %s", delivery.request_id or "(no id)", problem)
+        self._publish(delivery.request_id, delivery.body, broker.REQUEST_FAIL, str(problem), ack=delivery)
+
+    def _start_next(self) -> None:
+        """The first queued request, when none runs. (Its path was checked when it was taken; a file that
+        appeared since, std_h5_writer refuses, and the request fails with its reason.)"""
+        if self.job is not None or not self.queue or self.stopping:
+            return
+        queued = self.queue.popleft()
+        request = queued.request
         images = make_socket(self.context, zmq.SUB, hwm=HWM)
         images.connect(image_metadata_address(self.config))
-        self.job = Job(request, delivery, images, self.tally)
+        self.job = Job(request, queued.delivery, images, self.tally)
         self.counters.busy = 1
-        self._save_record()
-        log.info("request %s: %d images to %s (run %d)", rid, request.n_images, request.output_file, request.run_id)
+        self._record_changed()
+        log.info("request %s: %d images to %s (run %d)", request.request_id, request.n_images, request.output_file,
+                 request.run_id)
         self._send_start(self.job)
 
     def _refuse_stopping(self, delivery: Delivery) -> None:
@@ -388,9 +453,18 @@ class WriterAgent:
         self.counters.requests_failed += 1
         log.warning("request %s refused: writer_agent is stopping", delivery.request_id)
         self._publish(delivery.request_id, delivery.body, broker.REQUEST_START, "request taken by writer_agent")
-        self._publish(delivery.request_id, delivery.body, broker.REQUEST_FAIL,
-                      "writer_agent is stopping (SIGTERM) and did not start this request; no file was created; "
-                      "send it again once the agent is back", ack=delivery)
+        self._publish(delivery.request_id, delivery.body, broker.REQUEST_FAIL, STOPPING_REFUSAL, ack=delivery)
+
+    def _refuse_queued(self) -> None:
+        """On SIGTERM: the queued requests (they had their request_start) get request_fail."""
+        with self._batch():
+            while self.queue:
+                queued = self.queue.popleft()
+                self._record_changed()
+                self.counters.requests_failed += 1
+                log.warning("request %s refused: writer_agent is stopping", queued.request_id)
+                self._publish(queued.request_id, queued.delivery.body, broker.REQUEST_FAIL, STOPPING_REFUSAL,
+                              ack=queued.delivery)
 
     def _send_start(self, job: Job) -> None:
         r = job.request
@@ -595,35 +669,45 @@ class WriterAgent:
             if trouble:
                 summary["warning"] = "; ".join(trouble)
             self.counters.requests_succeeded += 1
-            self._publish(r.request_id, job.delivery.body, broker.REQUEST_SUCCESS, json.dumps(summary),
-                          ack=job.delivery)
-            # Logged once the status is on record: from here on a crash cannot lose it.
-            (log.warning if trouble else log.info)("request %s: done, %s", r.request_id, summary)
+            action, message = broker.REQUEST_SUCCESS, json.dumps(summary)
         else:
             self.counters.requests_failed += 1
-            self._publish(r.request_id, job.delivery.body, broker.REQUEST_FAIL, reason, ack=job.delivery)
+            action, message = broker.REQUEST_FAIL, reason
+        # The final status and the next request's start in one record write (the record is written on every
+        # change and is the agent's largest cost per request).
+        with self._batch():
+            self._publish(r.request_id, job.delivery.body, action, message, ack=job.delivery)
+            self._start_next()
+        # Logged once the status is on record: from here on a crash cannot lose it.
+        if reason is None:
+            (log.warning if trouble else log.info)("request %s: done, %s", r.request_id, summary)
+        else:
             log.warning("request %s failed: %s", r.request_id, reason)
-        if self.waiting and not self.stopping:
-            self._take(self.waiting.popleft())
 
     # --- Service --------------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float) -> None:
+        if self._record_due is not None:
+            timeout_s = max(0.0, min(timeout_s, self._record_due - time.monotonic()))
         if self.job is not None:
             self._serve_job(timeout_s)
-            return
-        events = dict(self.idle_poller.poll(timeout_s * 1000))
-        if self.wake in events:
-            self._handle_link_events()
-        if self.writer_status in events:
-            self._read_writer_statuses()  # late statuses of ended runs: read and dropped
+        else:
+            events = dict(self.idle_poller.poll(timeout_s * 1000))
+            if self.wake in events:
+                self._handle_link_events()
+            if self.writer_status in events:
+                self._read_writer_statuses()  # late statuses of ended runs: read and dropped
+        if self._record_due is not None and time.monotonic() >= self._record_due:
+            self._save_record()
 
     def stop(self) -> None:
-        """Stop order: end the running request (stop to the writer, wait for it to close the file; no
-        request is taken after it), stop the intake, refuse the requests that reached the agent but were
-        not started (those that waited in the broker queue included: the link hands them over), then give
-        the link a moment to get the statuses still queued confirmed; `close` then stops the link."""
+        """Stop order: fail the queued requests (their clients know at once; none is started from here on),
+        end the running request (stop to the writer, wait for it to close the file), stop the intake and
+        refuse the requests the link hands over (those that still waited in the broker queue, beyond the
+        agent's prefetch), then give the link a moment to get the statuses still queued confirmed; `close`
+        then stops the link."""
         self.stopping = True
+        self._refuse_queued()
         job = self.job
         if job is not None and job.state == Job.STARTING:
             self._end(job, None, "writer_agent was stopped (SIGTERM) before std_h5_writer took the start; "
@@ -642,11 +726,9 @@ class WriterAgent:
                                      f"{job.request.output_file} within {STOP_GRACE_S:g} s")
         self.link.stop_intake()
         if not self.link.intake_stopped.wait(INTAKE_GRACE_S):
-            log.warning("the broker link did not hand over the queued requests in time; they go with the "
-                        "agent's connection, unanswered")
+            log.warning("the broker link did not hand over the requests still in the broker queue in time; they "
+                        "go with the agent's connection, unanswered")
         self._handle_link_events()  # the requests handed over are refused here
-        while self.waiting:
-            self._refuse_stopping(self.waiting.popleft())
         self.link.flush(FLUSH_GRACE_S)
         # A request that reached the agent after the hand-over (the link settles for INTAKE_SETTLE_S, so
         # only one the broker sent later still) is refused while the link can still send the refusal.
@@ -659,6 +741,7 @@ class WriterAgent:
         if not self.link.join(CONNECT_TIMEOUT_S + 1.0):
             log.warning("the broker link did not stop in time; leaving it to the process exit")
         self._handle_link_events()  # the last confirmations
+        self._save_record()  # as they leave it (a confirmation noted lazily included): removed if nothing is owed
         if self.link.pending():
             log.error("%d statuses could not be published (broker unreachable at exit)", self.link.pending())
         if self.owed:
@@ -672,6 +755,7 @@ class WriterAgent:
         self.counters.broker_connected = int(self.link.connected.is_set())
         self.counters.broker_reconnects = self.link.reconnects
         self.counters.statuses_pending = self.link.pending()
+        self.counters.requests_queued = len(self.queue)
         for name, value in self.tally.counts().items():
             setattr(self.counters, name, value)
         return self.counters.snapshot()

@@ -14,7 +14,16 @@ The agent and the link talk through two queues. The agent appends `Outgoing` ite
 and/or a delivery to ack) to the outbox; the link publishes them in order with publisher confirms and
 keeps an item until the broker has confirmed it, reconnecting with backoff meanwhile. The link puts what
 it receives (`Delivery`, `Kill`) and what it has done (`Published` for a confirmed final status) in the
-inbox, and sends a byte on an inproc PAIR socket so the agent's poller wakes up at once.
+inbox, and sends a byte on an inproc PAIR socket so the agent's poller wakes up at once. The other way
+round, `publish` wakes the link out of pika's process_data_events (add_callback_threadsafe, pika's one
+thread-safe call), so a status goes out as soon as it is queued, not at the end of the link's slice of
+EVENTS_SLICE_S (with which every request used to wait up to that long for its final status to go out, and
+the next request for the ack that freed the prefetch: a floor of 50 ms per request, issue 21).
+
+Requests: the link consumes with a prefetch of MAX_HELD, so the agent holds every request it has been
+sent and not finished (it queues them itself: writer_agent/request_queue.py says why). A message on the
+request exchange with the AMQP header `query` is a question, not a write: it reaches the agent as a
+Delivery with `query` set.
 
 Delivery guarantee for statuses: at least once. A status whose publish was cut off before the confirm
 arrived is published again after the reconnect; clients take the first final status of a request.
@@ -41,7 +50,13 @@ for _noisy in ("pika.adapters.utils.connection_workflow", "pika.adapters.blockin
     logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 CONNECT_TIMEOUT_S = 3.0  # one connection attempt; only the link thread waits for it
-EVENTS_SLICE_S = 0.05  # the link serves the broker in slices this long, then looks at its outbox
+# The link serves the broker in slices this long, then looks at its flags (stop, stop_intake). Not a
+# latency: a status queued by the agent wakes the link at once (`_nudge`).
+EVENTS_SLICE_S = 0.05
+# The most requests the agent holds (delivered, not yet acked: running, queued, or their final status not
+# yet confirmed). Bodies are at most 64 KiB, so at most 64 MiB of them; more wait in the broker queue.
+MAX_HELD = 1000
+QUERY_HEADER = "query"  # AMQP header that makes a message on the request exchange a query (docs/writer_agent.md)
 # When the intake ends, the link keeps reading the connection until this long passes without a new request
 # (up to INTAKE_SETTLE_MAX_S): a request the broker pushed to the consumer after the last ack freed the
 # prefetch may still be on its way, and it must reach the agent while the agent can still answer it.
@@ -56,6 +71,7 @@ class Delivery:
     tag: int
     request_id: str
     body: bytes
+    query: str | None = None  # the `query` header's value: a question, not a write request
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,7 @@ class BrokerLink:
 
     def publish(self, status: broker.StatusMessage | None, ack: Delivery | None = None, final: bool = False) -> None:
         self.outbox.append(Outgoing(status, ack, final))
+        self._nudge()
 
     def events(self) -> list[Delivery | Kill | Published]:
         found = []
@@ -145,9 +162,23 @@ class BrokerLink:
         `intake_stopped` is set then. Without a connection there is nothing to hand over: the queue went
         with the connection."""
         self._stop_intake.set()
+        self._nudge()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the link thread out of process_data_events now (from the agent's thread). Without a
+        connection there is nothing to wake: the link is then not in process_data_events, and it looks at
+        the outbox as soon as it has connected."""
+        connection = self._connection  # set and cleared by the link thread; a stale one is harmless here
+        if connection is None:
+            return
+        try:
+            connection.add_callback_threadsafe(_nothing)
+        except Exception:  # noqa: BLE001 - closed or closing: the link notices and reconnects by itself
+            pass
 
     def join(self, timeout_s: float) -> bool:
         self._thread.join(timeout_s)
@@ -200,7 +231,7 @@ class BrokerLink:
         channel = connection.channel()
         broker.declare_exchanges(channel)
         channel.confirm_delivery()  # basic_publish returns once the broker has the status
-        channel.basic_qos(prefetch_count=1)
+        channel.basic_qos(prefetch_count=MAX_HELD)
         kills = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(queue=kills, exchange=broker.KILL_EXCHANGE, routing_key=self.tag)
         channel.basic_consume(queue=kills, on_message_callback=self._on_kill, auto_ack=True)
@@ -232,9 +263,10 @@ class BrokerLink:
 
     def _end_intake(self) -> None:
         """See stop_intake. Order: unbind, so nothing enters the queue any more; get what is left; then
-        dispatch what the broker pushed to the consumer meanwhile (the ack of the running request freed
-        its prefetch). The consumer stays: cancelling it would delete the queue (auto-delete) with the
-        requests in it, and so would deleting the queue; it goes with the connection, being exclusive."""
+        dispatch what the broker pushed to the consumer meanwhile (the acks of the last final statuses
+        freed some of its prefetch). The consumer stays: cancelling it would delete the queue (auto-delete)
+        with the requests in it, and so would deleting the queue; it goes with the connection, being
+        exclusive."""
         requests, self._requests_queue = self._requests_queue, None
         if requests is None:
             return
@@ -291,7 +323,11 @@ class BrokerLink:
 
     def _on_request(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         self._deliveries += 1
-        self._post(Delivery(self.generation, method.delivery_tag, properties.correlation_id or "", bytes(body)))
+        query = (properties.headers or {}).get(QUERY_HEADER)
+        if isinstance(query, bytes):
+            query = query.decode("utf-8", "replace")
+        self._post(Delivery(self.generation, method.delivery_tag, properties.correlation_id or "", bytes(body),
+                            None if query is None else str(query)))
 
     def _on_kill(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
         self._post(Kill(properties.correlation_id or ""))
@@ -301,3 +337,7 @@ class BrokerLink:
         n = self._errors[key] = self._errors.get(key, 0) + 1
         if n == 1 or n % 1000 == 0:
             log.error("broker link: unexpected %s (occurrence %d); reconnecting", key, n, exc_info=exc)
+
+
+def _nothing() -> None:
+    """The callback of a nudge: waking process_data_events is all it is for."""

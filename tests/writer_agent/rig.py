@@ -3,15 +3,21 @@ the writer_agent tests and the std-daq write/kill/monitor tests."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from core_buffer import broker
+from core_buffer.ipc import image_metadata_address, ipc_path, store_stream_address, writer_status_address
+from core_buffer.metrics import metrics_endpoint
 from std_daq.client import DaqClient, progress_of
 from std_daq.launcher import console_script
+from tests.conftest import free_tcp_port_block
 from tests.producer import ImageProducer
 from tests.writer_agent.broker_proxy import BrokerProxy
 
@@ -80,6 +86,15 @@ class Rig:
     def logs(self) -> str:
         return self.agent.log_path.read_text()[-3000:] + "\n" + self.writer.log_path.read_text()[-2000:]
 
+    def agent_stats(self) -> dict[str, int]:
+        """writer_agent's counters now, from its Prometheus endpoint (the same as its statistics line)."""
+        host, port = metrics_endpoint(self.config, "writer_agent")
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        prefix = "std_daq_writer_agent_"
+        return {sample.name[len(prefix):]: int(sample.value) for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name.startswith(prefix)}
+
     def close(self):
         if self.client is not None:
             self.client.close()
@@ -87,6 +102,16 @@ class Rig:
         self.writer.stop()
         self.producer.images.unlink()  # the producer created the ImageBuffer; services never unlink
         self.producer.close()
+        remove_socket_files(self.config)
+
+
+def remove_socket_files(config) -> None:
+    """The detector's ipc socket files, once nothing binds them: ZMQ leaves the producer's behind, and a
+    service killed -9 its own."""
+    for address in (image_metadata_address(config), store_stream_address(config), writer_status_address(config)):
+        path = ipc_path(address)
+        if path is not None and os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
 
 
 @pytest.fixture
@@ -101,7 +126,8 @@ def rig(make_config, tmp_path, broker_url):
         out.mkdir(exist_ok=True)
         path, config = make_config(output_dirs=[str(out)], image_buffer_slots=64,
                                    writer_agent={"writer_timeout_s": 3.0, "max_images": 5000, **agent_section},
-                                   writer={"status_interval_s": writer_status_interval_s})
+                                   writer={"status_interval_s": writer_status_interval_s},
+                                   metrics={"host": "127.0.0.1", "base_port": free_tcp_port_block(5)})
         made.append(Rig(path, config, tmp_path, broker_url, skip_sequence_every, agent_url))
         if rate_hz:
             made[-1].producer.start(rate_hz)

@@ -172,15 +172,22 @@ def test_two_clients_interleaving_requests_each_get_their_own_statuses(rig, brok
             assert actions[-1] == broker.REQUEST_SUCCESS, (name, actions, own[-1].message)
             assert set(actions[1:-1]) <= {broker.REQUEST_PROGRESS}, (name, actions)  # one final, at the end
             assert all(json.loads(s.body)["output_file"] == files[request_id] for s in own)  # its own body
-        # One write at a time, in the order submitted: each request starts after the previous one ended.
-        starts = [i for i, s in enumerate(stream) if s.action == broker.REQUEST_START]
-        finals = [i for i, s in enumerate(stream) if s.action in broker.FINAL_ACTIONS]
-        assert [stream[i].request_id for i in starts] == order
-        assert all(finals[k] < starts[k + 1] for k in range(len(order) - 1)), [s.action for s in stream]
+        # Taken in the order submitted (request_start when taken, also behind a running write), and ended
+        # in that order.
+        starts = [s.request_id for s in stream if s.action == broker.REQUEST_START]
+        finals = [s.request_id for s in stream if s.action in broker.FINAL_ACTIONS]
+        assert starts == order and finals == order, [(s.request_id[:8], s.action) for s in stream]
     # The status exchange is a fanout: both clients saw the same statuses in the same order.
     as_seen = {name: [(s.request_id, s.action, s.message) for s in stream] for name, stream in streams.items()}
     assert as_seen["a"] == as_seen["b"]
     assert sorted(p.name for p in r.out.iterdir()) == ["a0.h5", "a1.h5", "b0.h5", "b1.h5"]
+    # One write at a time, in the order submitted: each file holds images that came after the previous one's.
+    id_ranges = []
+    for request_id in order:
+        with h5py.File(files[request_id], "r") as f:
+            ids = f[f"/{r.tag}/image_id"][:]
+        id_ranges.append((int(ids.min()), int(ids.max())))
+    assert all(id_ranges[k][1] < id_ranges[k + 1][0] for k in range(len(order) - 1)), id_ranges
 
 
 def test_a_request_queued_behind_a_running_write_is_not_reported_as_not_taken(rig):

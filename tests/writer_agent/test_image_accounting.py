@@ -107,7 +107,7 @@ def test_backward_jumps_and_the_agents_own_misses_are_not_skips_and_the_statisti
     assert result.ok, result.message + r.logs()
     assert "warning" not in result.summary
     assert (result.summary["images_good"], result.summary["image_id_gaps"]) == (5, 0)
-    stats = agent_statistics(r)
+    stats = r.agent_stats()
     assert (stats["images_good"], stats["images_missing_packets"], stats["image_id_gaps"],
             stats["image_ids_skipped"], stats["image_id_backward_jumps"]) == (10, 1, 0, 0, 1), stats
     # ids 32 and 33 are missed by the agent (sequence numbers 12 and 13 never reach it): counted as sequence
@@ -143,15 +143,3 @@ def test_progress_reports_carry_the_counts_so_far_and_a_kill_names_them(rig):
                                    "counted that never reached the ImageBuffer, or that it skipped); 6 of 15 images "
                                    "incomplete (2 missing packets, 1 mismatch, 3 missing module)"), result.message
 
-
-def agent_statistics(r: Rig, timeout_s: float = 10.0) -> dict[str, int]:
-    """The counters of the first statistics line the agent logs from now on (every stats_interval_s)."""
-    deadline = time.monotonic() + timeout_s
-    offset = r.agent.log_path.stat().st_size
-    while True:
-        lines = [line for line in r.agent.log_since(offset).splitlines() if " stats " in line]
-        if lines:
-            fields = (item.split("=", 1) for item in lines[0].split() if "=" in item)
-            return {k: int(v) for k, v in fields if v.isdigit()}
-        assert time.monotonic() < deadline, "no statistics line:\n" + r.logs()
-        time.sleep(0.1)

@@ -1,7 +1,7 @@
 """ImageTally as pure logic: the statuses and the id jumps of the images a request forwarded."""
 from __future__ import annotations
 
-from writer_agent.agent import TALLY_FIELDS, ImageTally, describe_tally
+from writer_agent.tally import TALLY_FIELDS, ImageTally, describe_tally
 
 
 def tally_of(images, totals=None) -> ImageTally:
