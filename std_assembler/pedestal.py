@@ -12,6 +12,7 @@ images are pedestal-subtracted ADU), and per-gain pixel counts in `n_frames`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -59,6 +60,22 @@ def accumulate(config, paths: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     return sums, counts, used
 
 
+def missing_inputs(runs: list[str], gain_from: str | None) -> list[str]:
+    """What is wrong with the input files before any is opened, one phrase each: h5py's own error for a
+    missing file ("Unable to synchronously open file (unable to open file: name = ..., errno = 2, ...)")
+    hides the one fact the operator needs."""
+    named = [("dark run", path) for path in runs] + ([("--gain-from file", gain_from)] if gain_from else [])
+    problems = []
+    for what, path in named:
+        if not os.path.exists(path):
+            problems.append(f"{what} {path} does not exist")
+        elif not os.path.isfile(path):
+            problems.append(f"{what} {path} is not a file")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{what} {path} is not readable (permissions)")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="std-daq pedestal", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config.detector_type != "jungfrau":
         print("std-daq pedestal: pedestals are for Jungfrau detectors", file=sys.stderr)
+        return 2
+    missing = missing_inputs(args.runs, args.gain_from)
+    if missing:
+        print("std-daq pedestal: " + "; ".join(missing), file=sys.stderr)
         return 2
     try:
         sums, counts, used = accumulate(config, args.runs)

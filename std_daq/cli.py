@@ -9,6 +9,28 @@ from core_buffer.errors import ConfigError
 from std_daq import buffers, demo
 
 
+# What docs/operations.md sends readers to `std-daq up --help` for; the figures are std_daq/launcher.py's.
+UP_DESCRIPTION = """\
+Run every service of one detector as child processes, their output prefixed with the service's name.
+
+What runs comes from the config: a std_udp_recv per module, std_assembler, std_stream_send (when
+`stream_send` has an address), writer_agent and std_h5_writer; on a replica server (a config with
+`stream_recv.bind`) std_stream_recv instead of the receivers and the assembler.
+
+Start: downstream first (writer, agent, stream sender, assembler, receivers), so every stage listens
+before the one upstream produces. One pipeline per detector on a machine: while another `std-daq up` of
+the detector, or any of its services, runs already, it is refused (exit 1) and starts nothing.
+
+Restart: a service that exits while the launcher is not stopping is restarted after a pause of 1 s,
+doubling up to 30 s, back to 1 s once it has run for 60 s; each exit and restart is said in the output.
+
+Stop: Ctrl-C or SIGTERM stops the services in the reverse order, receivers first, each with SIGTERM and
+15 s of grace before SIGKILL, then removes the detector's shared-memory segments (not one a live
+process still maps: that one is named); exit code 0. The services get SIGTERM too if the launcher itself
+dies. See docs/operations.md.
+"""
+
+
 def _buffers_list(args: argparse.Namespace) -> int:
     print(buffers.format_segments(buffers.list_segments(args.prefix)))
     return 0
@@ -84,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--all", action="store_true", help="remove every segment with the prefix")
         sub.set_defaults(func=func)
 
-    up = commands.add_parser("up", help="run every service of a detector as child processes")
+    up = commands.add_parser("up", help="run every service of a detector as child processes",
+                             description=UP_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("config", help="detector config JSON file")
     up.set_defaults(func=_up)
 

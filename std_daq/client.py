@@ -4,14 +4,24 @@
         result = daq.write("/data/run1.h5", 100, tag="JF07T32V01", timeout_s=60)
         print(result.ok, result.message)
         request_id = daq.submit("/data/run2.h5", 1000, tag="JF07T32V01")   # not blocking
-        daq.kill(request_id, tag="JF07T32V01")
-        result = daq.wait(request_id, timeout_s=30)
+        answer = daq.kill_and_confirm(request_id[:8], tag="JF07T32V01")  # a unique prefix will do
+        result = daq.wait(answer.request_id, timeout_s=30)
+        running_and_queued = daq.list_requests(tag="JF07T32V01")
 
 The client binds its status queue before it publishes, so it never misses the statuses of its own
 requests; statuses of other requests that arrive meanwhile are kept for a later `wait`. Errors:
-NoAgentError (nothing serves the tag; raised by submit and kill), RequestNotTaken and RequestTimeout
-(raised by wait), BrokerError (RabbitMQ cannot be reached, or the connection broke; raised by anything
-that talks to it), all DaqClientError: no pika exception leaves this module.
+NoAgentError (nothing serves the tag; raised by submit, kill and the queries), RequestNotTaken,
+RequestStalled and RequestTimeout (raised by wait), NoAnswer (a kill or query the agent did not answer),
+QueryNotUnderstood (an agent older than the query took it for a write), BrokerError (RabbitMQ cannot be
+reached, or the connection broke; raised by anything that talks to it) and its BrokerLoginRefused (RabbitMQ
+answered but refused the URL's user, password or virtual host), all DaqClientError: no pika exception
+leaves this module.
+
+Kill answers and the request listing extend the design document's protocol (docs/writer_agent.md): the
+agent answers a kill with kill_accepted (message: the full id of the request it stops) or kill_refused
+(message: why), correlation_id = the kill's as sent; a query on the request exchange with the header
+{"query": "requests"} is answered with request_list (message: a JSON array of the running request, then
+the queued ones in order).
 """
 from __future__ import annotations
 
@@ -67,11 +77,24 @@ def progress_of(status: StatusMessage) -> tuple[int, int]:
         return 0, 0
 
 
+# The kill answers and the request listing (docs/writer_agent.md). They belong next to the other actions
+# in core_buffer.broker once the agent's side of them is in; kept here until then so that this client
+# does not depend on a module being edited at the same time.
+KILL_ACCEPTED = "kill_accepted"
+KILL_REFUSED = "kill_refused"
+KILL_ANSWERS = (KILL_ACCEPTED, KILL_REFUSED)
+KILL_CURRENT = "current"  # a kill's correlation_id for "the write running now"
+KILL_PREFIX_MIN = 4  # the shortest request id prefix a kill may name
+REQUEST_LIST = "request_list"
+QUERY_HEADER = "query"  # AMQP header that marks a message on the request exchange as a query, not a write
+QUERY_REQUESTS = "requests"
+
 RECEIVED_MAX = 100_000
 # Default: how long a request may go without its request_start while the agent of its tag sends no status
 # at all. writer_agent reports at least once a second while a request runs (its BUSY_REPORT_S), so a
 # request queued behind a running write, even one whose writer hangs, never gets this far.
 START_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 5.0  # default wait for the answer to a kill or a query (the agent answers at once)
 DRAIN_PASSES_MAX = 1000  # _read_waiting: at most this many reads of what waits on the connection
 
 
@@ -81,6 +104,11 @@ class DaqClientError(Exception):
 
 class BrokerError(DaqClientError):
     """RabbitMQ could not be reached, or the connection to it broke (the client is unusable then)."""
+
+
+class BrokerLoginRefused(BrokerError):
+    """RabbitMQ answered, but refused the user name, password or virtual host of the URL: it is running,
+    and starting it again will not help."""
 
 
 class NoAgentError(DaqClientError):
@@ -93,6 +121,89 @@ class RequestTimeout(DaqClientError, TimeoutError):
 
 class RequestNotTaken(RequestTimeout):
     """No request_start came, and the agent of the tag sent no status about any other request either."""
+
+
+class RequestStalled(RequestTimeout):
+    """No image was written for `stall_timeout_s`, however many progress reports said so meanwhile."""
+
+
+class NoAnswer(RequestTimeout):
+    """A kill or query got no answer in time: the agent of the tag predates the answers, or hangs."""
+
+
+class QueryNotUnderstood(DaqClientError):
+    """The agent took a query for a write request and refused it: it is older than the query."""
+
+
+@dataclass(frozen=True)
+class KillAnswer:
+    accepted: bool
+    request_id: str  # the full id of the request stopped ("" when refused)
+    message: str  # the full id when accepted, the agent's reason when refused
+    source: str
+
+
+@dataclass(frozen=True)
+class ListedRequest:
+    """One running or queued request as the agent lists it (state "running" or "queued")."""
+
+    request_id: str
+    state: str
+    output_file: str
+    n_images: int
+    n_written: int
+
+    @classmethod
+    def from_json(cls, item: Any) -> ListedRequest:
+        entry = item if isinstance(item, dict) else {}
+
+        def count(key: str) -> int:
+            value = entry.get(key, 0)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        return cls(str(entry.get("request_id", "")), str(entry.get("state", "")),
+                   str(entry.get("output_file", "")), count("n_images"), count("n_written"))
+
+
+def stall_reason(request_id: str, seen: list[StatusMessage], tag: str | None, stall_timeout_s: float) -> str:
+    """Why a wait gave up for want of progress, with the last progress report's counts and state."""
+    if not any(s.action == broker.REQUEST_START for s in seen):
+        whose = f"no request of tag {tag!r}" if tag is not None else "it"
+        return (f"request {request_id}: not started yet, and {whose} moved on for {stall_timeout_s:g} s "
+                f"(received: {', '.join(s.action for s in seen) or 'nothing'})")
+    reports = [s for s in seen if s.action == broker.REQUEST_PROGRESS]
+    if not reports:
+        return f"request {request_id}: started, but no progress report for {stall_timeout_s:g} s"
+    n_written, n_images = progress_of(reports[-1])
+    return (f"request {request_id}: no image written for {stall_timeout_s:g} s ({n_written} of {n_images} so "
+            f"far, {len(reports)} progress reports received{_report_state(reports[-1])})")
+
+
+def _report_state(status: StatusMessage) -> str:
+    """', state S, waiting for W' from a request_progress report, as far as it says them."""
+    try:
+        report = json.loads(status.message)
+    except ValueError:
+        return ""
+    if not isinstance(report, dict):
+        return ""
+    parts = [f"state {report['state']}"] if report.get("state") else []
+    if report.get("waiting_for"):
+        parts.append(f"waiting for {report['waiting_for']}")
+    return "".join(f", {part}" for part in parts)
+
+
+def _connect_error(url: str, exc: BaseException) -> BrokerError:
+    """The BrokerError for a failed connection attempt: a refused login or virtual host is told apart
+    from a broker that does not answer, since only the second is helped by starting RabbitMQ."""
+    where = broker.describe_url(url)
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return BrokerLoginRefused(f"RabbitMQ at {where} refused access to the virtual host of the URL (it does not "
+                                  f"exist, or the user may not use it): {exc}")
+    if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError)):
+        return BrokerLoginRefused(f"RabbitMQ at {where} refused the login: wrong user name or password in the "
+                                  f"broker URL (${broker.URL_ENV}, or the file named by ${broker.URL_FILE_ENV})")
+    return BrokerError(f"cannot reach RabbitMQ at {where} ({exc!r})")
 
 
 def _text(value: Any) -> str:
@@ -124,11 +235,15 @@ class DaqClient:
             self.queue = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
             self.channel.queue_bind(queue=self.queue, exchange=broker.STATUS_EXCHANGE)
         except (pika.exceptions.AMQPError, OSError) as exc:
-            raise BrokerError(f"cannot reach RabbitMQ at {broker.describe_url(self.url)} ({exc!r})") from exc
+            raise _connect_error(self.url, exc) from exc
         # Statuses not yet asked for; bounded, so a client that never waits does not grow without end.
         self.received: collections.deque[StatusMessage] = collections.deque(maxlen=RECEIVED_MAX)
         self.submitted: dict[str, tuple[str, float]] = {}  # request id -> (tag, when), for the start check
         self.tag_news: dict[str, float] = {}  # tag -> when any status of it last arrived
+        # Progress, as opposed to news: request id -> (most images reported written, when a status of it
+        # last moved it on: its start, more images written, its end); bounded like `received`.
+        self.advances: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+        self.tag_advanced: dict[str, float] = {}  # tag -> when any request of it last moved on
         self.n_received = 0  # statuses received so far (_read_waiting stops when a read adds none)
         self.channel.basic_consume(queue=self.queue, auto_ack=True, on_message_callback=self._on_status)
 
@@ -137,8 +252,28 @@ class DaqClient:
         self.received.append(status)
         self.n_received += 1
         tag = _text((properties.headers or {}).get("tag"))
+        now = time.monotonic()
         if tag:
-            self.tag_news[tag] = time.monotonic()
+            self.tag_news[tag] = now
+        if self._note_advance(status, now) and tag:
+            self.tag_advanced[tag] = now
+
+    def _note_advance(self, status: StatusMessage, now: float) -> bool:
+        """Whether `status` moves its request on (started, more images written, ended), noted in
+        `advances`. A progress report that repeats the count is news, but not progress."""
+        if status.action in broker.FINAL_ACTIONS or status.action == broker.REQUEST_START:
+            n_written = self.advances.get(status.request_id, (0, 0.0))[0]
+        elif status.action == broker.REQUEST_PROGRESS:
+            n_written = progress_of(status)[0]
+            if n_written <= self.advances.get(status.request_id, (0, 0.0))[0]:
+                return False
+        else:
+            return False
+        self.advances[status.request_id] = (n_written, now)
+        self.advances.move_to_end(status.request_id)
+        if len(self.advances) > RECEIVED_MAX:
+            self.advances.popitem(last=False)
+        return True
 
     def submit(self, output_file: str, n_images: int, *, tag: str, run_id: int | None = None,
                user_id: int | None = None, **extra: Any) -> str:
@@ -161,15 +296,73 @@ class DaqClient:
         return request_id
 
     def kill(self, request_id: str, *, tag: str) -> None:
-        """Ask the agent of `tag` to stop `request_id`. NoAgentError if no agent serves `tag`."""
+        """Ask the agent of `tag` to stop `request_id` (a full id, a unique prefix of at least
+        KILL_PREFIX_MIN characters, or KILL_CURRENT) without waiting for its answer. NoAgentError if no
+        agent serves `tag`."""
         self._publish(broker.KILL_EXCHANGE, tag, b"", request_id,
                       f"no writer_agent serves tag {tag!r}: the kill was returned by the broker")
 
-    def _publish(self, exchange: str, tag: str, body: bytes, request_id: str, unroutable: str) -> None:
+    def kill_and_confirm(self, target: str, *, tag: str, timeout_s: float = ANSWER_TIMEOUT_S) -> KillAnswer:
+        """Kill `target` (as in `kill`) and return the agent's answer: accepted, with the full id of the
+        request it stops, or refused, with its reason. NoAnswer when none comes within `timeout_s`: an
+        agent older than the kill answers (the kill may then still have worked) or a hung one."""
+        self.kill(target, tag=tag)
+        answer = self._await_answer(target, KILL_ANSWERS, timeout_s)
+        if answer is None:
+            raise NoAnswer(f"kill {target}: no answer from the writer_agent of tag {tag!r} within {timeout_s:g} s "
+                           "(an agent older than the kill answers, which may still have stopped the request, "
+                           "or a hung one; std-daq monitor shows what runs)")
+        accepted = answer.action == KILL_ACCEPTED
+        return KillAnswer(accepted, answer.message if accepted else "", answer.message, answer.source)
+
+    def list_requests(self, *, tag: str, timeout_s: float = ANSWER_TIMEOUT_S) -> list[ListedRequest]:
+        """The running request of `tag`'s agent, then its queued ones in order. NoAgentError if no agent
+        serves `tag`, NoAnswer when none answers within `timeout_s`, QueryNotUnderstood when an agent
+        older than the query took it for a write (and refused it)."""
+        query_id = str(uuid.uuid4())
+        self._publish(broker.REQUEST_EXCHANGE, tag, b"{}", query_id,
+                      f"no writer_agent serves tag {tag!r}: the query was returned by the broker",
+                      headers={QUERY_HEADER: QUERY_REQUESTS})
+        # An old agent answers with request_start and then request_fail ('n_images' missing): wait for
+        # the final one, whose message says why.
+        answer = self._await_answer(query_id, (REQUEST_LIST, *broker.FINAL_ACTIONS), timeout_s)
+        if answer is None:
+            raise NoAnswer(f"no answer from the writer_agent of tag {tag!r} within {timeout_s:g} s: it is "
+                           "older than the request listing, or hung")
+        if answer.action != REQUEST_LIST:
+            raise QueryNotUnderstood(f"the {answer.source or 'agent'} of tag {tag!r} is older than the request "
+                                     f"listing: it took the query for a write request ({answer.action}: "
+                                     f"{answer.message})")
+        try:
+            listed = json.loads(answer.message)
+        except ValueError:
+            listed = None
+        if not isinstance(listed, list):
+            raise QueryNotUnderstood(f"the request list of tag {tag!r} is not a JSON array: {answer.message!r}")
+        return [ListedRequest.from_json(item) for item in listed]
+
+    def _await_answer(self, correlation_id: str, actions: tuple[str, ...],
+                      timeout_s: float) -> StatusMessage | None:
+        """The first status with `correlation_id` and one of `actions`, taken out of `received` (the
+        statuses of a request that share the id stay for `wait`); None after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._read_waiting()
+            for status in self.received:
+                if status.request_id == correlation_id and status.action in actions:
+                    self.received.remove(status)
+                    return status
+            if time.monotonic() > deadline:
+                return None
+            self._process_events(0.05)
+
+    def _publish(self, exchange: str, tag: str, body: bytes, request_id: str, unroutable: str,
+                 headers: dict[str, str] | None = None) -> None:
         try:
             self.channel.basic_publish(exchange=exchange, routing_key=tag, body=body, mandatory=True,
                                        properties=pika.BasicProperties(correlation_id=request_id,
-                                                                       content_type="application/json"))
+                                                                       content_type="application/json",
+                                                                       headers=headers))
         except pika.exceptions.UnroutableError:
             raise NoAgentError(unroutable) from None
         except (pika.exceptions.AMQPError, OSError) as exc:
@@ -207,15 +400,20 @@ class DaqClient:
 
     def wait(self, request_id: str, timeout_s: float | None = None,
              on_status: Callable[[StatusMessage], None] | None = None, *,
-             idle_timeout_s: float | None = None, start_timeout_s: float | None = None) -> RequestResult:
+             idle_timeout_s: float | None = None, start_timeout_s: float | None = None,
+             stall_timeout_s: float | None = None) -> RequestResult:
         """Collect the statuses of `request_id` until its final one.
 
         RequestTimeout after `timeout_s` in all, or after `idle_timeout_s` without news of the request (while
-        it waits for its turn, any status of its tag counts as news). For a request submitted by this
-        client, RequestNotTaken when `start_timeout_s` (default: the client's) passed after the submit, and
-        after the last status of its tag, without its request_start (see the class docstring). BrokerError
-        when the connection breaks: the request may still run (std-daq monitor shows it)."""
+        it waits for its turn, any status of its tag counts as news). RequestStalled after `stall_timeout_s`
+        without progress: no more images written, however many progress reports came (while a request
+        submitted here waits for its turn, any request of its tag that starts, writes or ends counts as
+        progress; the clock also starts at the call). For a request submitted by this client,
+        RequestNotTaken when `start_timeout_s` (default: the client's) passed after the submit, and after
+        the last status of its tag, without its request_start (see the class docstring). BrokerError when
+        the connection breaks: the request may still run (std-daq monitor shows it)."""
         now = time.monotonic()
+        waited_since = now
         deadline = None if timeout_s is None else now + timeout_s
         start_limit = self.start_timeout_s if start_timeout_s is None else start_timeout_s
         tag, submitted_at = self.submitted.get(request_id, (None, None))
@@ -251,6 +449,12 @@ class DaqClient:
             if idle_timeout_s is not None and now - last_news > idle_timeout_s:
                 raise RequestTimeout(f"request {request_id}: no news of it for {idle_timeout_s:g} s "
                                      f"(received: {actions}); it may still finish (std-daq monitor shows it)")
+            if stall_timeout_s is not None:
+                last_advance = max(waited_since, self.advances.get(request_id, (0, 0.0))[1])
+                if tag is not None and not started:  # queued: the writes ahead of it moving on is progress
+                    last_advance = max(last_advance, self.tag_advanced.get(tag, 0.0))
+                if now - last_advance > stall_timeout_s:
+                    raise RequestStalled(stall_reason(request_id, seen, tag, stall_timeout_s))
             self._process_events(0.05)
 
     def write(self, output_file: str, n_images: int, *, tag: str, timeout_s: float | None = None,

@@ -56,19 +56,22 @@ def _kinds(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="std_udp_sim", description=__doc__)
     p.add_argument("config", help="detector config JSON file")
-    p.add_argument("--rate", type=float, default=10.0, help="images per second (0 = as fast as possible)")
-    p.add_argument("--n-images", type=_n_images, default=100, metavar="N|forever")
+    p.add_argument("--rate", type=float, default=10.0, help="images per second, 0 = as fast as possible (default %(default)g)")
+    p.add_argument("--n-images", type=_n_images, default=100, metavar="N|forever",
+                   help="images to send, or 'forever' until Ctrl-C (default %(default)s)")
     p.add_argument("--start-id", type=int, default=1, help="id of the first image (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="where the receivers listen (default 127.0.0.1)")
     p.add_argument("--modules", type=_modules, nargs="+", default=None, metavar="M",
                    help="modules to send, comma- or space-separated: 0,1 or 0 1 (default all)")
     faults = p.add_argument_group("fault injection")
-    faults.add_argument("--drop", type=float, default=0.0, metavar="FRACTION", help="drop packets at random")
+    faults.add_argument("--drop", type=float, default=0.0, metavar="FRACTION",
+                        help="fraction of packets to drop at random, 0 to 1 (default 0)")
     faults.add_argument("--drop-every", type=int, default=0, metavar="N",
                         help="drop one packet of every image whose id is a multiple of N")
     faults.add_argument("--drop-images", type=_image_ids, default=(), metavar="ID,ID,...",
                         help="image ids whose frames are not sent at all (every module)")
-    faults.add_argument("--duplicate", type=float, default=0.0, metavar="FRACTION", help="send packets twice")
+    faults.add_argument("--duplicate", type=float, default=0.0, metavar="FRACTION",
+                        help="fraction of packets to send twice, 0 to 1 (default 0)")
     faults.add_argument("--drop-packets", type=_packet_numbers, default=(), metavar="K,K,...",
                         help="drop these packet numbers from every frame")
     faults.add_argument("--reorder", nargs="?", const="shuffle", default="", choices=("shuffle", "swap"),
@@ -79,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--malformed-kinds", type=_kinds, default=None, metavar="KIND,...",
                         help="which kinds, in turn (default all: short,long,garbage,bad_number,wrong_type,"
                              "foreign_id)")
-    faults.add_argument("--seed", type=int, default=1)
+    faults.add_argument("--seed", type=int, default=1,
+                        help="seed of the random choices of --drop, --duplicate, --reorder shuffle and "
+                             "--malformed, so a run can be repeated (default %(default)s)")
     return p
 
 

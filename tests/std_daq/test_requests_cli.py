@@ -1,5 +1,9 @@
-"""`std-daq write`, `kill` and `monitor` through the installed console script, against the real RabbitMQ and,
-where a request must be served, a real writer_agent and std_h5_writer fed by a test producer."""
+"""`std-daq write`, `kill`, `requests` and `monitor` through the installed console script, against the real
+RabbitMQ and, where a request must be served, a real writer_agent and std_h5_writer fed by a test producer.
+
+The kill answers and the request listing are the agent's side of docs/writer_agent.md ("Kills", and the
+`request_list` query): the tests of `kill` and `requests` that a writer_agent must answer need an agent
+that has them."""
 from __future__ import annotations
 
 import os
@@ -13,6 +17,7 @@ import h5py
 import pytest
 
 from core_buffer import broker
+from std_daq.client import progress_of
 from std_daq.launcher import console_script
 from tests.writer_agent.rig import proxy, rig, wait_for_progress  # noqa: F401 - fixtures
 
@@ -25,9 +30,9 @@ def std_daq_env(url: str) -> dict[str, str]:
     return env
 
 
-def std_daq(url: str, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+def std_daq(url: str, *args: str, timeout_s: float = 60.0, cwd: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([console_script("std-daq"), *args], capture_output=True, text=True, env=std_daq_env(url),
-                          timeout=timeout_s)
+                          timeout=timeout_s, cwd=cwd)
 
 
 class LineReader:
@@ -86,7 +91,8 @@ def test_write_wait_of_a_bad_request_exits_1_printing_the_reason(rig):
     result = std_daq(r.url, "write", "/etc/std-daq-cli-test.h5", "5", "--tag", r.tag, "--wait")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED:" in result.stderr and "outside the allowed" in result.stderr
-    result = std_daq(r.url, "write", str(r.out / "zero.h5"), "0", "--tag", r.tag, "--wait")
+    # Above the agent's max_images: only the agent knows its config, so the command line sends it.
+    result = std_daq(r.url, "write", str(r.out / "many.h5"), "6000", "--tag", r.tag, "--wait")
     assert result.returncode == 1 and "'n_images' must be between 1 and 5000" in result.stderr
 
 
@@ -102,7 +108,40 @@ def test_write_without_a_tag_is_a_usage_error(broker_url):
     assert result.returncode == 2 and "--tag" in result.stderr
 
 
-def test_kill_of_a_running_write_ends_it_with_a_closed_file(rig):
+def test_write_wait_gives_up_when_no_image_is_written_though_progress_reports_repeat(rig):
+    r = rig(rate_hz=0)  # no images: the write stays at 0/100, and the agent says so every second or less
+    result = std_daq(r.url, "write", str(r.out / "stuck.h5"), "100", "--tag", r.tag, "--wait", "--timeout", "3",
+                     timeout_s=30)  # a wait that counts reports as news never ends: subprocess.TimeoutExpired
+    request_id = request_id_of(result.stdout)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"request {request_id}: no image written for 3 s (0 of 100 so far" in result.stderr, result.stderr
+    assert f"`std-daq kill {request_id[:8]} --tag {r.tag}` stops it" in result.stderr
+    assert "Traceback" not in result.stderr
+    reports = progress_reports(r, request_id)
+    assert len(reports) >= 2 and {written for written, _ in reports} == {0}, reports  # they did repeat
+    r.client.kill(request_id, tag=r.tag)
+    assert "interrupted by a kill after 0 of 100" in r.client.wait(request_id, timeout_s=15).message
+
+
+def progress_reports(r, request_id: str) -> list[tuple[int, int]]:
+    """(written, asked for) of every progress report of `request_id` that r.client received so far."""
+    r.client.connection.process_data_events(time_limit=0.5)
+    return [progress_of(s) for s in list(r.client.received)
+            if s.request_id == request_id and s.action == broker.REQUEST_PROGRESS]
+
+
+def test_write_resolves_a_relative_path_against_the_current_directory_and_says_so(rig):
+    r = rig()
+    absolute = r.out.resolve() / "relative.h5"
+    result = std_daq(r.url, "write", "relative.h5", "10", "--tag", r.tag, "--wait", cwd=str(r.out))
+    assert result.returncode == 0, result.stdout + result.stderr + r.logs()
+    assert f"output file relative.h5 is relative: sending {absolute}" in result.stdout
+    assert f"10 images to {absolute} (tag {r.tag})" in result.stdout
+    with h5py.File(absolute, "r") as f:
+        assert f["/entry/data/data"].shape[0] == 10
+
+
+def test_kill_of_a_running_write_ends_it_with_a_closed_file(rig):  # needs the agent's kill answers
     r = rig(rate_hz=50)
     path = r.out / "long.h5"
     started = std_daq(r.url, "write", str(path), "2000", "--tag", r.tag)  # without --wait: returns at once
@@ -111,10 +150,84 @@ def test_kill_of_a_running_write_ends_it_with_a_closed_file(rig):
     wait_for_progress(r, request_id, 5)
     killed = std_daq(r.url, "kill", request_id, "--tag", r.tag, "--wait")
     assert killed.returncode == 0, killed.stdout + killed.stderr
-    assert f"kill sent for request {request_id}" in killed.stdout
+    assert f"kill accepted by writer_agent of tag {r.tag}: stopping request {request_id}" in killed.stdout
     assert "request_fail: interrupted by a kill after" in killed.stdout
     with h5py.File(path, "r") as f:
         assert 5 <= f["/entry/data/data"].shape[0] < 2000 and f.attrs["state"] == "interrupted"
+
+
+def test_kill_by_the_prefix_that_monitor_shows_stops_the_write(rig):  # needs the agent's kill answers
+    r = rig(rate_hz=50)
+    request_id = r.client.submit(str(r.out / "prefix.h5"), 2000, tag=r.tag)
+    wait_for_progress(r, request_id, 5)
+    killed = std_daq(r.url, "kill", request_id[:8], "--tag", r.tag, "--wait")
+    assert killed.returncode == 0, killed.stdout + killed.stderr + r.logs()
+    assert f"stopping request {request_id}" in killed.stdout  # the agent names the full id
+    assert "request_fail: interrupted by a kill after" in killed.stdout
+
+
+def test_kill_current_stops_the_write_running_now(rig):  # needs the agent's kill answers
+    r = rig(rate_hz=50)
+    request_id = r.client.submit(str(r.out / "current.h5"), 2000, tag=r.tag)
+    wait_for_progress(r, request_id, 5)
+    killed = std_daq(r.url, "kill", "--current", "--tag", r.tag)
+    assert killed.returncode == 0, killed.stdout + killed.stderr + r.logs()
+    assert f"stopping request {request_id}" in killed.stdout
+    result = r.client.wait(request_id, timeout_s=15)
+    assert not result.ok and "interrupted by a kill" in result.message, result.message
+
+
+def test_kills_that_stop_nothing_say_so_and_exit_1(rig):  # needs the agent's kill answers
+    r = rig()
+    done = r.client.write(str(r.out / "done.h5"), 5, tag=r.tag, timeout_s=30)
+    assert done.ok, done.message
+    finished = std_daq(r.url, "kill", done.request_id, "--tag", r.tag)
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    assert f"kill {done.request_id} refused by writer_agent of tag {r.tag}: " in finished.stderr
+    assert "kill accepted" not in finished.stdout
+    nothing_running = std_daq(r.url, "kill", "--current", "--tag", r.tag)
+    assert nothing_running.returncode == 1, nothing_running.stdout + nothing_running.stderr
+    assert f"kill current refused by writer_agent of tag {r.tag}: " in nothing_running.stderr
+
+
+def test_requests_lists_the_running_request_then_the_queued_ones(rig):  # needs the agent's request_list
+    r = rig(rate_hz=50)
+    idle = std_daq(r.url, "requests", "--tag", r.tag)
+    assert idle.returncode == 0, idle.stdout + idle.stderr + r.logs()
+    assert idle.stdout.strip() == f"tag {r.tag}: no running or queued requests"
+    running = r.client.submit(str(r.out / "running.h5"), 2000, tag=r.tag)
+    wait_for_progress(r, running, 2)
+    queued = [r.client.submit(str(r.out / f"queued-{i}.h5"), 10, tag=r.tag) for i in range(2)]
+    listed = std_daq(r.url, "requests", "--tag", r.tag)
+    assert listed.returncode == 0, listed.stdout + listed.stderr + r.logs()
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"tag {r.tag}: 1 running, 2 queued", listed.stdout
+    assert re.fullmatch(rf"  running  {running}  \d+/2000  {re.escape(str(r.out / 'running.h5'))}", lines[1])
+    assert [line.split()[:2] for line in lines[2:]] == [["queued", queued[0]], ["queued", queued[1]]]
+    assert lines[2].endswith(f"  0/10  {r.out / 'queued-0.h5'}"), lines[2]
+    for request_id in (*queued, running):  # queued ones first, so none of them starts a write
+        r.client.kill(request_id, tag=r.tag)
+    assert not r.client.wait(running, timeout_s=15).ok
+
+
+def test_kill_and_requests_without_an_answer_exit_3_saying_so(broker_url, detector_name):
+    # An agent older than the answers: the tag is served (a queue is bound), but nothing answers.
+    connection = broker.connect(broker_url, connection_name="silent agent (test)")
+    try:
+        channel = connection.channel()
+        broker.declare_exchanges(channel)
+        silent = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+        for exchange in (broker.KILL_EXCHANGE, broker.REQUEST_EXCHANGE):
+            channel.queue_bind(queue=silent, exchange=exchange, routing_key=detector_name)
+        killed = std_daq(broker_url, "kill", "1a2b3c4d", "--tag", detector_name, "--timeout", "1")
+        listed = std_daq(broker_url, "requests", "--tag", detector_name, "--timeout", "1")
+    finally:
+        connection.close()
+    assert killed.returncode == 3, killed.stdout + killed.stderr
+    assert (f"kill 1a2b3c4d: no answer from the writer_agent of tag '{detector_name}' within 1 s"
+            in killed.stderr), killed.stderr
+    assert listed.returncode == 3, listed.stdout + listed.stderr
+    assert f"no answer from the writer_agent of tag '{detector_name}' within 1 s" in listed.stderr
 
 
 def test_monitor_shows_a_line_per_request_with_the_services_state(rig):
