@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -121,6 +122,23 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if terminalreporter.config.getoption("verbose") > 0:
         for nodeid, names in _removed_by_make_config:
             terminalreporter.write_line(f"  {nodeid}: {', '.join(names)}")
+
+
+@pytest.fixture(autouse=True)
+def restored_logging() -> Any:
+    """Give logging back as the test found it. A test that runs a daemon's main in-process (run_daemon
+    calls setup_logging) points the root handler at that test's captured stderr; a service thread of a
+    later test logging there wrote "ValueError: I/O operation on closed file" tracebacks into green runs."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
