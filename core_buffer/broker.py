@@ -32,6 +32,18 @@ REQUEST_SUCCESS = "request_success"
 REQUEST_FAIL = "request_fail"
 FINAL_ACTIONS = (REQUEST_SUCCESS, REQUEST_FAIL)
 
+# This project's extension (docs/writer_agent.md, "Kill and the request listing"): every kill is answered;
+# a kill names a full request id, a unique prefix of one, or the running write; a query on the request
+# exchange, marked by an AMQP header, is answered with the running and the queued requests.
+KILL_ACCEPTED = "kill_accepted"  # message: the full id of the request it stops
+KILL_REFUSED = "kill_refused"  # message: why
+KILL_ANSWERS = (KILL_ACCEPTED, KILL_REFUSED)
+KILL_CURRENT = "current"  # a kill's correlation_id that names the write running now
+KILL_PREFIX_MIN = 4  # the shortest request id prefix a kill may name
+REQUEST_LIST = "request_list"  # message: a JSON array of the running, then the queued requests
+QUERY_HEADER = "query"  # AMQP header that marks a message on the request exchange as a query, not a write
+QUERY_REQUESTS = "requests"  # the one query: the running and the queued requests
+
 
 class BrokerConfigError(StdDaqError):
     pass

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import pika
 
 from core_buffer import broker
-from core_buffer.broker import StatusMessage
+from core_buffer.broker import KILL_ACCEPTED, KILL_ANSWERS, QUERY_HEADER, QUERY_REQUESTS, REQUEST_LIST, StatusMessage
 
 
 @dataclass
@@ -76,18 +76,6 @@ def progress_of(status: StatusMessage) -> tuple[int, int]:
     except (ValueError, KeyError, TypeError):
         return 0, 0
 
-
-# The kill answers and the request listing (docs/writer_agent.md). They belong next to the other actions
-# in core_buffer.broker once the agent's side of them is in; kept here until then so that this client
-# does not depend on a module being edited at the same time.
-KILL_ACCEPTED = "kill_accepted"
-KILL_REFUSED = "kill_refused"
-KILL_ANSWERS = (KILL_ACCEPTED, KILL_REFUSED)
-KILL_CURRENT = "current"  # a kill's correlation_id for "the write running now"
-KILL_PREFIX_MIN = 4  # the shortest request id prefix a kill may name
-REQUEST_LIST = "request_list"
-QUERY_HEADER = "query"  # AMQP header that marks a message on the request exchange as a query, not a write
-QUERY_REQUESTS = "requests"
 
 RECEIVED_MAX = 100_000
 # Default: how long a request may go without its request_start while the agent of its tag sends no status

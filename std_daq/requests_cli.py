@@ -20,9 +20,8 @@ import time
 from typing import Any, Callable, TextIO
 
 from core_buffer import broker
-from core_buffer.broker import StatusMessage
-from std_daq.client import (KILL_ACCEPTED, KILL_CURRENT, KILL_PREFIX_MIN, KILL_REFUSED, REQUEST_LIST,
-                            BrokerError, BrokerLoginRefused, DaqClient, ListedRequest, NoAgentError, NoAnswer,
+from core_buffer.broker import KILL_ACCEPTED, KILL_CURRENT, KILL_PREFIX_MIN, KILL_REFUSED, REQUEST_LIST, StatusMessage
+from std_daq.client import (BrokerError, BrokerLoginRefused, DaqClient, ListedRequest, NoAgentError, NoAnswer,
                             QueryNotUnderstood, RequestResult, RequestTimeout, progress_of)
 
 TAG_ENV = "STD_DAQ_TAG"

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core_buffer.config import DetectorConfig, load_config
 from core_buffer.errors import ConfigError
-from core_buffer.locks import Holder, detector_lock_path, holder_of, process_command, service_role
+from core_buffer.locks import Holder, detector_lock_path, holder_of, service_role
 from core_buffer.metrics import metrics_endpoint
 from std_daq.launcher import is_replica
 

@@ -40,6 +40,7 @@ from typing import Iterator, Mapping
 import zmq
 
 from core_buffer import broker
+from core_buffer.broker import KILL_ACCEPTED, KILL_REFUSED, QUERY_REQUESTS, REQUEST_LIST
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import FormatError
 from core_buffer.formats import ImageMetadata, StoreOp, StoreStream, WriterState, WriterStatus
@@ -56,9 +57,6 @@ log = logging.getLogger("writer_agent")
 SOURCE = "writer_agent"
 HWM = 100000
 FINISHED_MEMORY = 1000  # ids of requests that ended, so a kill of one says it finished (not "unknown")
-# The actions of the kill answers and of the request listing (docs/writer_agent.md).
-KILL_ACCEPTED, KILL_REFUSED, REQUEST_LIST = "kill_accepted", "kill_refused", "request_list"
-QUERY_REQUESTS = "requests"  # the one query: the running and the queued requests
 STOPPING_REFUSAL = ("writer_agent is stopping (SIGTERM) and did not start this request; no file was created; "
                     "send it again once the agent is back")
 STOP_GRACE_S = 3.0  # on SIGTERM, how long to wait for the writer to close the running file

@@ -42,6 +42,7 @@ import pika
 import zmq
 
 from core_buffer import broker
+from core_buffer.broker import QUERY_HEADER
 
 log = logging.getLogger("writer_agent")
 # pika logs every failed connection attempt at ERROR with a traceback; the link says once per outage what
@@ -56,7 +57,6 @@ EVENTS_SLICE_S = 0.05
 # The most requests the agent holds (delivered, not yet acked: running, queued, or their final status not
 # yet confirmed). Bodies are at most 64 KiB, so at most 64 MiB of them; more wait in the broker queue.
 MAX_HELD = 1000
-QUERY_HEADER = "query"  # AMQP header that makes a message on the request exchange a query (docs/writer_agent.md)
 # When the intake ends, the link keeps reading the connection until this long passes without a new request
 # (up to INTAKE_SETTLE_MAX_S): a request the broker pushed to the consumer after the last ack freed the
 # prefetch may still be on its way, and it must reach the agent while the agent can still answer it.

@@ -15,11 +15,10 @@ import collections
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
+from core_buffer.broker import KILL_CURRENT, KILL_PREFIX_MIN
 from writer_agent.broker_link import Delivery
 from writer_agent.request import WriteRequest
 
-KILL_CURRENT = "current"  # a kill's correlation_id that names the write running now
-KILL_PREFIX_MIN = 4  # shortest request id prefix a kill may use
 MATCHES_NAMED = 10  # an ambiguous prefix's refusal names at most this many of its matches
 
 

@@ -21,7 +21,7 @@ from tests.writer_agent.rig import Rig, rig, wait_for_progress, wait_for_status 
 
 pytestmark = pytest.mark.broker
 
-KILL_ANSWERS = ("kill_accepted", "kill_refused")
+KILL_ANSWERS = ("kill_accepted", "kill_refused")  # the protocol's words, spelled out (not imported)
 LONG = 2000  # images of a write that runs until it is killed (40 s at 50 Hz)
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from writer_agent.broker_link import Delivery
 from writer_agent.request import WriteRequest
-from writer_agent.request_queue import KILL_CURRENT, Queued, RequestQueue, resolve_kill
+from core_buffer.broker import KILL_CURRENT
+from writer_agent.request_queue import Queued, RequestQueue, resolve_kill
 
 RUNNING = "1a2b3c4d-0000-4000-8000-000000000001"
 QUEUED = ["5e6f7a8b-0000-4000-8000-000000000002", "5e6f9999-0000-4000-8000-000000000003"]
