@@ -237,12 +237,15 @@ class DetectorConfig:
 
 
 class ConfigFileUnreadable(ConfigError):
-    """The config file itself cannot be read (missing, a directory, no permission): no key is at fault, so
-    the message names the file and the reason instead of ConfigError's 'config key ... is invalid'."""
+    """The config file itself cannot be read (missing, a directory, no permission) or is not JSON: no key is
+    at fault, so the message names the file and the reason instead of ConfigError's 'config key ... is
+    invalid'."""
 
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__("<file>", source, f"a readable config file ({reason})", source)
-        self.args = (f"cannot read the config file {source}: {reason}",)  # what str() shows
+    def __init__(self, source: str, reason: str, problem: str = "") -> None:
+        super().__init__("<file>", source, f"a readable JSON config file ({reason})", source)
+        text = f"the config file {source} {problem}: {reason}" if problem else \
+            f"cannot read the config file {source}: {reason}"
+        self.args = (text,)  # what str() shows
 
 
 def load_config(path: str | os.PathLike[str]) -> DetectorConfig:
@@ -255,8 +258,8 @@ def load_config(path: str | os.PathLike[str]) -> DetectorConfig:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError("<file>", source, f"valid JSON ({exc.msg} at line {exc.lineno} column "
-                          f"{exc.colno})", source) from None
+        raise ConfigFileUnreadable(source, f"{exc.msg} at line {exc.lineno} column {exc.colno}",
+                                   "is not valid JSON") from None
     return parse_config(raw, source)
 
 

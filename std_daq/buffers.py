@@ -32,7 +32,6 @@ class RemovalRefused(ValueError):
     everybody), or segments that live processes use."""
 
 
-PrefixError = RemovalRefused  # its first name, which callers catch
 
 
 def segment_users(name: str) -> list[int]:

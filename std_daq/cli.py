@@ -42,7 +42,7 @@ def _buffers_rm(args: argparse.Namespace) -> int:
         return 2
     try:
         removed, missing = buffers.remove_segments(args.names, args.prefix)
-    except buffers.PrefixError as exc:
+    except buffers.RemovalRefused as exc:
         print(f"std-daq buffers rm: {exc}", file=sys.stderr)
         return 2
     for name in removed:
