@@ -21,7 +21,7 @@ from core_buffer.errors import MISSING, ConfigError
 
 # Sections that belong to one service each; the core loader keeps them for the service to validate.
 SERVICE_SECTIONS = ("udp_recv", "assembler", "writer", "writer_agent", "stream_send", "stream_recv",
-                    "metrics")
+                    "metrics", "web")
 
 # Defaults of the shared keys (documented in docs/configuration.md).
 DEFAULT_NAMESPACE = "std-daq"

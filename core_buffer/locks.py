@@ -90,7 +90,8 @@ class Role:
 # The roles of the services with one instance per detector. std_stream_recv takes std_assembler's role: it
 # fills the same ImageBuffer and publishes on the same address, so a config never runs both (launcher).
 _ROLE_NAMES = {"std_assembler": "image_producer", "std_stream_recv": "image_producer",
-               "std_stream_send": "stream_send", "writer_agent": "writer_agent", "std_h5_writer": "h5_writer"}
+               "std_stream_send": "stream_send", "writer_agent": "writer_agent", "std_h5_writer": "h5_writer",
+               "std_web": "web"}
 
 
 def service_role(service: str, module_id: int | None = None) -> Role:
@@ -292,4 +293,5 @@ def detector_roles(config: DetectorConfig) -> list[Role]:
     """Every role of a detector's pipeline, a replica server's included (its std_stream_recv holds the
     image_producer role)."""
     roles = [service_role("std_udp_recv", m) for m in range(config.n_modules)]
-    return roles + [service_role(s) for s in ("std_assembler", "std_stream_send", "writer_agent", "std_h5_writer")]
+    return roles + [service_role(s) for s in ("std_assembler", "std_stream_send", "writer_agent", "std_h5_writer",
+                                              "std_web")]

@@ -129,6 +129,8 @@ def pipeline_services(config_path: str, config: DetectorConfig) -> list[ServiceS
         specs.append(ServiceSpec("stream_send", [console_script("std_stream_send"), config_path], 2))
     specs.append(ServiceSpec("writer_agent", [console_script("writer_agent"), config_path], 3))
     specs.append(ServiceSpec("h5_writer", [console_script("std_h5_writer"), config_path], 4))
+    if config.sections.get("web"):  # a non-empty `web` section: std_web, stopped first (it only watches)
+        specs.append(ServiceSpec("web", [console_script("std_web"), config_path], -1))
     return specs
 
 

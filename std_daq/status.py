@@ -18,6 +18,22 @@ from core_buffer.metrics import metrics_endpoint
 from std_daq.launcher import is_replica
 
 SCRAPE_TIMEOUT_S = 1.0
+WEB_LABEL = "std_web"  # std_web serves its metrics on its own HTTP port (web.host, web.port), at /metrics
+WEB_DEFAULT_PORT = 5000
+
+
+def web_endpoint(config: DetectorConfig) -> tuple[str, int] | None:
+    """(host, port) of std_web when the config runs it (a non-empty `web` section), else None. A wildcard
+    host is reached on loopback."""
+    section = config.sections.get("web") or {}
+    if not section:
+        return None
+    host, port = section.get("host", "127.0.0.1"), section.get("port", WEB_DEFAULT_PORT)
+    if not isinstance(host, str) or host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if not isinstance(port, int) or isinstance(port, bool):
+        port = WEB_DEFAULT_PORT
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,9 @@ def service_endpoints(config: DetectorConfig) -> list[tuple[str, str, tuple[str,
         endpoint = metrics_endpoint(config, service) if configured else None
         if endpoint:
             out.append((service, service, endpoint))
+    web = web_endpoint(config)
+    if web is not None:
+        out.append((WEB_LABEL, WEB_LABEL, web))
     return out
 
 
@@ -80,8 +99,9 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "writer_agent": ("requests", "requests_succeeded", "requests_failed", "sequence_gaps"),
     "std_h5_writer": ("writing", "images_written", "images_lost", "last_written_id", "files_finished",
                       "files_failed"),
+    WEB_LABEL: ("broker_connected", "ws_clients", "http_requests", "live_images", "auth_refusals"),
 }
-RATE_COUNTERS = {"frames", "images", "images_sent", "images_written", "bytes"}
+RATE_COUNTERS = {"frames", "images", "images_sent", "images_written", "bytes", "http_requests"}
 
 
 @dataclass(frozen=True)

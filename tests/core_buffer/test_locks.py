@@ -98,7 +98,7 @@ def test_roles_are_what_a_second_copy_would_take_from_the_first(make_config):
     assert service_role("std_assembler").socket_files(config) == service_role("std_stream_recv").socket_files(config)
     assert service_role("std_udp_recv", 0) != service_role("std_udp_recv", 1)
     assert [role.name for role in detector_roles(config)] == [
-        "udp_recv-0", "udp_recv-1", "image_producer", "stream_send", "writer_agent", "h5_writer"]
+        "udp_recv-0", "udp_recv-1", "image_producer", "stream_send", "writer_agent", "h5_writer", "web"]
     assert service_role("std_udp_recv", 1).socket_files(config) == [
         f"/tmp/std-daq-{config.detector_name}-frames-1"]
     assert role_lock(config, service_role("std_h5_writer")).path == f"/tmp/std-daq-{config.detector_name}-h5_writer.lock"

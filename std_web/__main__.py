@@ -1,0 +1,3 @@
+from std_web.cli import main
+
+raise SystemExit(main())
