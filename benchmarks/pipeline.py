@@ -1,31 +1,37 @@
-"""The highest frame rate at which a 1-module Jungfrau pipeline on this machine writes every image.
+"""The highest frame rate at which a 1-module Jungfrau pipeline on this machine writes every image, against
+the simulator's own maximum measured in the same run.
 
-Simulator -> std_udp_recv -> std_assembler -> std_h5_writer -> HDF5 file on disk, all real processes
-started by the launcher. The benchmark itself plays writer_agent: the write goes straight to
-std_h5_writer over the StoreStream (as `std-daq demo` does without a broker), so RabbitMQ's share is not
-part of the figure, but the forwarding of every image is, in this process.
+First the simulator alone: std_udp_sim sends as fast as it can for --sim-seconds into a receiver that only
+drains (a socket in this process that reads every packet into one buffer and drops it); its images per
+second are the ceiling. Then the whole pipeline: std_udp_sim -> std_udp_recv -> std_assembler ->
+writer_agent (the write requested over RabbitMQ, as `std-daq write` does) -> std_h5_writer -> HDF5 file
+on disk, all real processes started by the launcher, and `ratio pipeline/simulator` is the confirmed
+lossless rate over the simulator's maximum (target 0.9). With --compressed the same again with
+bitshuffle-LZ4 and --compression-threads threads in the writer. Needs RabbitMQ ($STD_DAQ_BROKER_URL, by
+default the local one).
 
 A step at rate R passes when, over the whole step:
 - the simulator really sent at R: its own count of images over its running time is at least
   ACHIEVED_FRACTION x R. std_udp_sim sends back to back when it falls behind, so without this check a
   step it could not drive would "pass" at a lower rate. A step it could not drive is "limited by the
   simulator": not a pass, and no rate at or above it is tried;
-- the writer kept up: images written per second, from the writer's statuses (every 50 ms) over the
-  second half of the step, is at least ACHIEVED_FRACTION x R. The ring buffers hold seconds of images,
+- the writer kept up: images written per second, from writer_agent's request_progress (one after each
+  writer status, every 50 ms) over the second half of the step, is at least ACHIEVED_FRACTION x R. The ring buffers hold seconds of images,
   so a pipeline a little too slow would otherwise still write every image of a short step;
 - every requested image is written, with status 0, and the receiver lost no packet.
 
-The search runs short probe steps (doubling from --start, then bisecting between the highest pass and
+The search runs short probe steps (doubling from --start up to the simulator's maximum, then bisecting between the highest pass and
 the lowest failure), then confirms the highest passing probe with one step of --confirm-seconds (20 s:
 the figure to quote; only a long step shows what the disk, not the page cache, sustains). A confirmation
 that fails is lowered and run again while the --budget allows it.
 
     python benchmarks/pipeline.py              # about a minute: probes of 1.5 s, one 20 s confirmation
     python benchmarks/pipeline.py --budget 180 # room for re-confirmations at lower rates
+    python benchmarks/pipeline.py --compressed # also bitshuffle-LZ4 (about two minutes)
 
-Prints one figure per line, with its name and unit: each step's outcome, the confirmed rate with its
-step length and the search's resolution, and each process's CPU share (percent of one core) over the
-confirmation step.
+Prints one figure per line, with its name and unit: the simulator's maximum, each step's outcome, the
+confirmed rate with its step length and the search's resolution, its ratio to the simulator's maximum,
+and each process's CPU share (percent of one core) over the confirmation step.
 """
 from __future__ import annotations
 
@@ -33,9 +39,12 @@ import argparse
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +53,19 @@ import h5py
 import numpy as np
 import psutil
 
+from core_buffer import broker
 from core_buffer.config import load_config
 from std_daq import status
-from std_daq.direct_write import DirectWriteError, write_direct
+from std_daq.client import DaqClient, DaqClientError, progress_of
 from std_daq.launcher import Launcher, console_script, pipeline_services, remove_buffers
 
 READY_TIMEOUT_S = 30.0
 ACHIEVED_FRACTION = 0.97  # of the asked rate, for the simulator and for the writer
-STATUS_INTERVAL_S = 0.05  # the writer's statuses, from which its rate is measured
+STATUS_INTERVAL_S = 0.05  # the writer's statuses (writer_agent's request_progress follows each one)
 STEP_OVERHEAD_S = 2.0  # per step beyond its length: simulator start, write hand-shake, file check
 LOWER_FACTOR = 0.85  # a failed confirmation is run again at most at this fraction of its rate
 SIM_SUMMARY = re.compile(r"sent (\d+) images, .* in ([\d.]+) s:")
+TARGET_RATIO = 0.9  # of the simulator's maximum (the issue's target)
 
 
 def free_tcp_base(n: int) -> int:
@@ -76,9 +87,9 @@ def free_tcp_base(n: int) -> int:
     raise RuntimeError("no free TCP ports for metrics")
 
 
-def make_config(workdir: Path) -> Path:
+def make_config(workdir: Path, compression: str = "none", threads: int = 1) -> Path:
     raw = {
-        "detector_name": f"bench{os.getpid()}",
+        "detector_name": f"bench{os.getpid()}{'' if compression == 'none' else 'c'}",
         "detector_type": "jungfrau",
         "n_modules": 1,
         "bit_depth": 16,
@@ -89,10 +100,11 @@ def make_config(workdir: Path) -> Path:
         "image_buffer_slots": 2000,
         "stats_interval_s": 5.0,
         "output_dirs": [str(workdir)],
-        "writer": {"status_interval_s": STATUS_INTERVAL_S},
+        "writer": {"status_interval_s": STATUS_INTERVAL_S, "compression": compression,
+                   "compression_threads": threads},
         "metrics": {"host": "127.0.0.1", "base_port": free_tcp_base(12)},
     }
-    path = workdir / "bench-jungfrau.json"
+    path = workdir / f"bench-jungfrau-{compression}.json"
     path.write_text(json.dumps(raw))
     return path
 
@@ -140,28 +152,75 @@ def written_rate(records: list[tuple[float, int]]) -> float:
     return float(np.polyfit(times - times[0], counts, 1)[0])
 
 
-def run_step(config, config_path: Path, launcher: Launcher, rate: float, seconds: float,
+def simulator_maximum(config_path: Path, config, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU share in % of one core) of std_udp_sim sending as fast as it can for `seconds` into
+    a receiver that only drains: a socket of this process on the module's port that reads every packet
+    into one buffer and drops it (and counts them, so the simulator is seen to reach it)."""
+    drain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    drain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+    drain.bind(("127.0.0.1", config.udp_port(0)))
+    drain.settimeout(0.2)
+    stopping, received = threading.Event(), [0]
+
+    def drain_packets() -> None:
+        buffer = bytearray(65536)
+        while not stopping.is_set():
+            try:
+                drain.recv_into(buffer)
+                received[0] += 1
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=drain_packets, daemon=True)
+    thread.start()
+    sim = subprocess.Popen([console_script("std_udp_sim"), str(config_path), "--rate", "0", "--n-images",
+                            "forever"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        process = psutil.Process(sim.pid)
+        time.sleep(seconds)
+        times = process.cpu_times()
+        cpu = 100.0 * (times.user + times.system) / (time.time() - process.create_time())
+    finally:
+        sim.terminate()
+        output, _ = sim.communicate(timeout=10)
+        stopping.set()
+        thread.join(timeout=5)
+        drain.close()
+    match = SIM_SUMMARY.search(output)
+    if not match or float(match.group(2)) <= 0 or received[0] == 0:
+        raise RuntimeError(f"no simulator maximum: {output.strip()[-300:]!r}, {received[0]} packets drained")
+    return int(match.group(1)) / float(match.group(2)), cpu
+
+
+def run_step(config, config_path: Path, launcher: Launcher, client: DaqClient, rate: float, seconds: float,
              workdir: Path) -> Step:
     step = Step(rate, seconds)
     n_images = max(2, int(rate * seconds))
     output_file = str(workdir / f"step-{rate:.0f}.h5")
     procs = {c.spec.label: psutil.Process(c.process.pid) for c in launcher.children}
-    procs["writer_agent (this benchmark, direct write)"] = psutil.Process()
     before_metrics = status.scrape(config)
     sim = subprocess.Popen([console_script("std_udp_sim"), str(config_path), "--rate", str(rate),
                             "--n-images", "forever"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     procs["std_udp_sim"] = psutil.Process(sim.pid)
+    procs["the benchmark (requests over RabbitMQ)"] = psutil.Process()
     cpu_before = {label: p.cpu_times() for label, p in procs.items()}
     records: list[tuple[float, int]] = []
+
+    def on_status(message) -> None:
+        if message.action == broker.REQUEST_PROGRESS:
+            records.append((time.monotonic(), progress_of(message)[0]))
+
     started = time.monotonic()
+    written = 0
     try:
-        final = write_direct(config, output_file, n_images, timeout_s=seconds * 3 + 20,
-                             progress=lambda done, _total: records.append((time.monotonic(), done)))
-        error = final.error or ""
-        written = final.n_written
-    except DirectWriteError as exc:
-        error, written = str(exc), 0
+        result = client.write(output_file, n_images, tag=config.detector_name, timeout_s=seconds * 3 + 20,
+                              on_status=on_status)
+        error = "" if result.ok else result.message
+        written = result.n_written
+        records.append((time.monotonic(), written))  # the final one (left out of the rate)
+    except DaqClientError as exc:
+        error = str(exc)
     elapsed = time.monotonic() - started
     for label, p in procs.items():
         try:
@@ -194,17 +253,20 @@ def run_step(config, config_path: Path, launcher: Launcher, rate: float, seconds
     return step
 
 
-def search(run, args) -> tuple[float | None, float | None, str]:
-    """Probes: (highest pass, lowest non-pass, and what that non-pass was)."""
+def search(run, args, cap: float) -> tuple[float | None, float | None, str]:
+    """Probes, doubling from --start, then at `cap` (the simulator's maximum: no higher rate can pass),
+    then bisecting: (highest pass, lowest non-pass, and what that non-pass was)."""
     passed, above, above_outcome = None, None, ""
-    rate = args.start
-    while rate <= args.max_rate:
+    rate = min(args.start, cap)
+    while True:
         step = run(rate, args.probe_seconds, "probe")
         if step.outcome != PASS:
             above, above_outcome = rate, step.outcome
             break
         passed = rate
-        rate *= 2
+        if rate >= cap:
+            break
+        rate = min(rate * 2, cap)
     low = passed if passed is not None else 0.0
     if above is not None:
         for _ in range(args.bisect):
@@ -219,60 +281,48 @@ def search(run, args) -> tuple[float | None, float | None, str]:
     return passed, above, above_outcome
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe-seconds", type=float, default=1.5, help="length of a search step (default 1.5)")
-    parser.add_argument("--confirm-seconds", type=float, default=20.0,
-                        help="length of the confirmation step (default 20, what the figure needs)")
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds for the whole run; a failed confirmation is re-run at a lower rate only "
-                             "while they allow it (default 60)")
-    parser.add_argument("--start", type=float, default=250.0, help="first rate in Hz (default 250)")
-    parser.add_argument("--max-rate", type=float, default=4000.0, help="stop doubling here (default 4000)")
-    parser.add_argument("--bisect", type=int, default=3, help="bisection steps after the first failure (default 3)")
-    parser.add_argument("--dir", default=None, help="directory for the files (default: a temp dir on /tmp's disk)")
-    args = parser.parse_args()
-    # The budget counts from the process's start (imports, services' start-up and stop included).
-    began = time.monotonic() - (time.time() - psutil.Process().create_time())
-    workdir = Path(tempfile.mkdtemp(prefix="std-daq-bench-", dir=args.dir))
-    config_path = make_config(workdir)
+def benchmark_pipeline(args, workdir: Path, compression: str, sim_max: float) -> bool:
+    """Search and confirm the highest lossless rate of one configuration; prints its lines. Whether a rate
+    was confirmed. The budget counts from here (services' start and stop included)."""
+    began = time.monotonic()
+    threads = args.compression_threads if compression != "none" else 1
+    config_path = make_config(workdir, compression, threads)
     config = load_config(config_path)
-    specs = [s for s in pipeline_services(str(config_path), config) if s.label != "writer_agent"]
-    log = open(workdir / "services.log", "w", buffering=1)
+    name = "" if compression == "none" else f" {compression} ({threads} compression threads)"
+    specs = pipeline_services(str(config_path), config)
+    log = open(workdir / f"services-{compression}.log", "w", buffering=1)
     launcher = Launcher(specs, output=log, cleanup=lambda: remove_buffers(config))
     launcher.start()
-    print(f"pipeline benchmark: 1-module Jungfrau, files in {workdir}, load average {os.getloadavg()[0]:.2f}",
+    client: DaqClient | None = None
+    print(f"pipeline{name}: 1-module Jungfrau, files in {workdir}, load average {os.getloadavg()[0]:.2f}",
           file=sys.stderr)
-    print(f"probe step length: {args.probe_seconds:g} s")
-    print(f"confirmation step length: {args.confirm_seconds:g} s"
-          + ("" if args.confirm_seconds >= 20 else " (under 20 s: not the figure to quote)"))
 
     def run(rate: float, seconds: float, kind: str) -> Step:
-        step = run_step(config, config_path, launcher, rate, seconds, workdir)
-        print(step.line(kind), flush=True)
+        step = run_step(config, config_path, launcher, client, rate, seconds, workdir)
+        print(step.line(f"{kind}{name}"), flush=True)
         return step
 
     confirmed: Step | None = None
     tried: list[Step] = []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while any(m.values is None for m in status.scrape(config)
-                  if m.label in ("std_udp_recv-0", "std_assembler", "std_h5_writer")):
+        while any(m.values is None for m in status.scrape(config)):
             if time.monotonic() > deadline:
-                print(f"services did not come up; see {workdir / 'services.log'}", file=sys.stderr)
-                return 1
+                print(f"services did not come up; see {workdir / log.name}", file=sys.stderr)
+                return False
             time.sleep(0.3)
+        client = DaqClient()
         print(f"services up after {time.monotonic() - began:.1f} s", file=sys.stderr)
-        passed, above, above_outcome = search(run, args)
-        print(f"search done after {time.monotonic() - began:.1f} s", file=sys.stderr)
+        passed, above, above_outcome = search(run, args, sim_max)
         if passed is None:
-            print(f"highest passing probe: none ({args.start:g} Hz: {above_outcome}); see {workdir / 'services.log'}")
-            return 1
-        print(f"highest passing probe: {passed:.0f} Hz")
+            print(f"highest passing probe{name}: none ({min(args.start, sim_max):.0f} Hz: {above_outcome}); "
+                  f"see {workdir / log.name}")
+            return False
+        print(f"highest passing probe{name}: {passed:.0f} Hz")
         if above is None:
-            print(f"search resolution: none (every probe passed up to --max-rate {args.max_rate:g} Hz)")
+            print(f"search resolution{name}: none (every probe passed, up to the simulator's maximum)")
         else:
-            print(f"search resolution: {above - passed:.0f} Hz (next probe up, {above:.0f} Hz: {above_outcome})")
+            print(f"search resolution{name}: {above - passed:.0f} Hz (next probe up, {above:.0f} Hz: {above_outcome})")
         rate = passed
         while True:
             step = run(rate, args.confirm_seconds, "confirm")
@@ -285,26 +335,80 @@ def main() -> int:
                 lowered = min(lowered, ACHIEVED_FRACTION * step.written_hz)  # what the writer did sustain
             left = args.budget - (time.monotonic() - began)
             if left < args.confirm_seconds + STEP_OVERHEAD_S:
-                print(f"re-confirmation at {lowered:.0f} Hz: not run, {left:.0f} s of the {args.budget:g} s "
+                print(f"re-confirmation{name} at {lowered:.0f} Hz: not run, {left:.0f} s of the {args.budget:g} s "
                       "budget left (--budget for more)")
                 break
             rate = lowered
     finally:
         stopping = time.monotonic()
+        if client is not None:
+            client.close()
         launcher.stop()
         log.close()
         print(f"services stopped in {time.monotonic() - stopping:.1f} s", file=sys.stderr)
     if confirmed is None:
-        print(f"confirmed lossless rate: none (confirmation failed at {', '.join(f'{s.rate:.0f}' for s in tried)} Hz)")
-        print(f"benchmark duration: {time.monotonic() - began:.0f} s")
-        return 1
-    print(f"confirmed lossless rate: {confirmed.rate:.0f} Hz over a {confirmed.seconds:g} s step "
+        print(f"confirmed lossless rate{name}: none (confirmation failed at "
+              f"{', '.join(f'{s.rate:.0f}' for s in tried)} Hz)")
+        print(f"ratio pipeline/simulator{name}: 0.00 (target {TARGET_RATIO})")
+        for label, share in sorted(tried[-1].cpu.items() if tried else ()):
+            print(f"cpu{name} {label} over the failed confirmation step: {share:.0f} % of one core")
+        return False
+    print(f"confirmed lossless rate{name}: {confirmed.rate:.0f} Hz over a {confirmed.seconds:g} s step "
           f"({confirmed.rate * config.image_bytes / 1e9:.2f} GB/s)")
+    ratio = confirmed.rate / sim_max
+    print(f"ratio pipeline/simulator{name}: {ratio:.2f} ({confirmed.rate:.0f} Hz of {sim_max:.0f} Hz; "
+          f"target {TARGET_RATIO}: {ratio / TARGET_RATIO:.2f} of it)")
     for label, share in sorted(confirmed.cpu.items()):
-        print(f"cpu {label} over the confirmation step: {share:.0f} % of one core")
+        print(f"cpu{name} {label} over the confirmation step: {share:.0f} % of one core")
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--probe-seconds", type=float, default=1.5, help="length of a search step (default 1.5)")
+    parser.add_argument("--confirm-seconds", type=float, default=20.0,
+                        help="length of the confirmation step (default 20, what the figure needs)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="seconds for each configuration, services' start and stop included; a failed "
+                             "confirmation is re-run at a lower rate only while they allow it (default 60)")
+    parser.add_argument("--start", type=float, default=500.0, help="first rate in Hz (default 500)")
+    parser.add_argument("--bisect", type=int, default=3, help="bisection steps after the first failure (default 3)")
+    parser.add_argument("--sim-seconds", type=float, default=3.0,
+                        help="how long the simulator alone sends as fast as it can (default 3)")
+    parser.add_argument("--compressed", action="store_true", help="also the pipeline with bitshuffle-LZ4")
+    parser.add_argument("--compression-threads", type=int, default=2,
+                        help="the writer's compression threads with --compressed (default 2)")
+    parser.add_argument("--dir", default=None, help="directory for the files (default: a temp dir on /tmp's disk)")
+    args = parser.parse_args()
+    began = time.monotonic() - (time.time() - psutil.Process().create_time())
+    workdir = Path(tempfile.mkdtemp(prefix="std-daq-bench-", dir=args.dir))
     print(f"load average: {os.getloadavg()[0]:.2f}")
+    print(f"probe step length: {args.probe_seconds:g} s")
+    print(f"confirmation step length: {args.confirm_seconds:g} s"
+          + ("" if args.confirm_seconds >= 20 else " (under 20 s: not the figure to quote)"))
+    ok = False
+    try:
+        sim_path = make_config(workdir)
+        sim_max, sim_cpu = simulator_maximum(sim_path, load_config(sim_path), args.sim_seconds)
+        print(f"simulator maximum (into a receiver that only drains, {args.sim_seconds:g} s): {sim_max:.0f} Hz "
+              f"({sim_max * load_config(sim_path).image_bytes / 1e9:.2f} GB/s), std_udp_sim at {sim_cpu:.0f} % "
+              "of one core")
+        ok = True
+        for compression in ("none", "bitshuffle-lz4") if args.compressed else ("none",):
+            ok = benchmark_pipeline(args, workdir, compression, sim_max) and ok
+    except BaseException:
+        ok = False
+        raise
+    finally:
+        for leftover in workdir.glob("step-*.h5"):
+            leftover.unlink()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"the services' logs and configs are kept in {workdir}", file=sys.stderr)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"benchmark duration: {time.monotonic() - began:.0f} s")
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

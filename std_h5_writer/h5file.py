@@ -41,6 +41,7 @@ from core_buffer import __version__
 from core_buffer.config import DetectorConfig
 from core_buffer.errors import StdDaqError
 from core_buffer.output import open_output_directory
+from std_h5_writer.page_cache import page_cache_for
 
 STATUS_LOST = 4
 STATUS_REJECTED = 5
@@ -50,15 +51,17 @@ STATUS_CODES = ("0 good, 1 missing packets, 2 id mismatch, 3 missing module, 4 l
 NX = "NX_class"
 log = logging.getLogger("std_h5_writer")
 
-# Uncompressed chunks start on 1 MiB boundaries. Measured on ext4 (kernel 6.18): a 1 MiB pwrite at an
-# offset that is not a multiple of 1 MiB costs ~10% more than an aligned one (the page cache then cannot
-# use large folios for it). The gap left in front of the first chunk and after each metadata flush is
-# a hole, never written; compressed chunks have no fixed size and are packed as HDF5 places them.
-# HDF5 takes room for its small metadata (the chunk index's nodes, ...) in blocks of the same size: with
-# its default 2 KiB blocks, a node allocated between two chunks pushed the next chunk to the next 1 MiB
-# boundary (17 gaps in 1000 chunks), and pwrites to such scattered chunks took ~4 us an image more than
-# to contiguous ones (measured: 232 against 228 us); with 1 MiB blocks the chunks are contiguous.
-CHUNK_ALIGNMENT = 1 << 20
+# Uncompressed chunks start on page (4 KiB) boundaries, packed: no holes, as a chunk never takes more
+# than 4095 bytes beyond its size, and those share a block with the chunk's last bytes. Measured with the
+# raw loop of benchmarks/h5_writer.py --alignment, page cache bounded (docs/std_h5_writer.md, "Chunks on
+# page boundaries"): Eiger 500k images (1,058,840 bytes) packed without gaps 1.51-1.62 GB/s, at page
+# boundaries 1.70-1.95 (a chunk that starts inside a page shares it with the chunk before, whose
+# writeback has already started); for 1 MiB images MiB boundaries gave nothing over page boundaries.
+# Before, chunks started on 1 MiB boundaries with HDF5's metadata in 1 MiB blocks: an Eiger 500k file
+# took 2 MiB a chunk, half of it holes. Objects smaller than CHUNK_ALIGNMENT_THRESHOLD (HDF5's metadata,
+# the per-image columns' chunks) are packed as HDF5 places them, and so are compressed chunks.
+CHUNK_ALIGNMENT = 4096
+CHUNK_ALIGNMENT_THRESHOLD = 64 << 10
 
 # Files HDF5 failed to close (a metadata write failed: file too large, disk full). HDF5 (2.0) tears the
 # file down all the same, descriptor included (so an unlinked file's blocks are freed: asserted in
@@ -80,6 +83,7 @@ PIXEL_SIZE_M = {"jungfrau": 75e-6, "eiger": 75e-6, "gigafrost": 11e-6}
 SPACE_RESERVE_BYTES = 4 * 2**20
 ROOM_CHECK_BYTES = 16 * 2**20
 PREALLOCATE_MAX_IMAGES = 65536  # the "writer.preallocate_max_images" default: ~85 ms at start
+PAGE_CACHE_WINDOW_MIB = 16  # the "writer.page_cache_window_mib" default (docs/std_h5_writer.md)
 COLUMN_START_ROWS = 65536  # per-image columns grow by doubling, so a huge n_images allocates nothing up front
 
 
@@ -89,6 +93,12 @@ COLUMN_START_ROWS = 65536  # per-image columns grow by doubling, so a huge n_ima
 # str, numpy's types for numbers and arrays.
 _STR_FILE_TYPE = h5t.py_create(h5py.string_dtype(), logical=True)
 _STR_MEMORY_TYPE = h5t.py_create(h5py.string_dtype())
+# Without creation times, as h5py's high-level calls make every other object of the file: with HDF5's
+# default they were in the datasets `_put` made (13 of them), and two files of the same run differed by
+# them (tests/std_h5_writer/test_page_cache.py compares files byte for byte). The file's times are its
+# `start_time` and `end_time`.
+_UNTIMED = h5p.create(h5p.DATASET_CREATE)
+_UNTIMED.set_obj_track_times(False)
 
 
 def _typed(value: object) -> tuple[np.ndarray, h5t.TypeID, h5t.TypeID, h5s.SpaceID]:
@@ -115,7 +125,7 @@ def _set_attrs(obj: h5py.HLObject, values: dict) -> None:
 def _put(group: h5py.Group, name: str, value: object, attrs: dict | None = None) -> None:
     """group[name] = value (a small dataset), with its attributes, through the low-level calls."""
     data, file_type, memory_type, space = _typed(value)
-    dataset = h5d.create(group.id, name.encode(), file_type, space)
+    dataset = h5d.create(group.id, name.encode(), file_type, space, dcpl=_UNTIMED)
     dataset.write(h5s.ALL, h5s.ALL, data, mtype=memory_type)
     if attrs:
         _set_attrs(h5py.Dataset(dataset), attrs)
@@ -194,8 +204,10 @@ def _unlink_made(name: str, dir_fd: int, identity: tuple[int, int]) -> None:
 class OutputFile:
     def __init__(self, path: str, config: DetectorConfig, request: dict, n_images: int, dtype: np.dtype,
                  compression: str, *, mode: int = 0o640, overwrite: bool = False, uid: int | None = None,
-                 preallocate_max_images: int = PREALLOCATE_MAX_IMAGES) -> None:
-        """Create the file and its layout; on any failure nothing is left at `path`."""
+                 preallocate_max_images: int = PREALLOCATE_MAX_IMAGES, page_cache: str = "bounded",
+                 page_cache_window_bytes: int = PAGE_CACHE_WINDOW_MIB << 20) -> None:
+        """Create the file and its layout; on any failure nothing is left at `path`. `page_cache` is the
+        writer.page_cache mode (page_cache.py)."""
         self.path = path
         self.n_images = n_images
         self.det = config.detector_name
@@ -210,9 +222,8 @@ class OutputFile:
         # image at start, so longer runs write through H5Dwrite_chunk instead of stalling their start.
         self.preallocate = not self.compressed and n_images <= preallocate_max_images
         self.chunk_offsets: list[int] | None = None
-        fapl = {} if self.compressed else {"alignment_threshold": CHUNK_ALIGNMENT,
-                                           "alignment_interval": CHUNK_ALIGNMENT,
-                                           "meta_block_size": CHUNK_ALIGNMENT}
+        fapl = {} if self.compressed else {"alignment_threshold": CHUNK_ALIGNMENT_THRESHOLD,
+                                           "alignment_interval": CHUNK_ALIGNMENT}
         # Room kept free for closing the file (per-image columns, attributes, HDF5's metadata): a file
         # system that runs full inside HDF5's own metadata writes leaves the file unclosable (and h5py
         # crashes the process when it finalises it), so a run stops before that, with ENOSPC of its own.
@@ -239,6 +250,7 @@ class OutputFile:
                 # preallocated chunks, as holes): a run longer than the file size limit is refused here
                 # ("File too large").
                 self.file.flush()
+                self.cache = page_cache_for(page_cache, self.fd, page_cache_window_bytes, path)
             except BaseException:
                 try:
                     self.file.close()
@@ -248,6 +260,9 @@ class OutputFile:
                 raise
         finally:
             os.close(dir_fd)
+        # Where the file ended after the last chunk HDF5 placed (the H5Dwrite_chunk paths): HDF5 appends
+        # chunks at the end of the file, so what it grew by is what the page cache must know was written.
+        self.end_written = os.fstat(self.fd).st_size
         self.n_slots = 0  # rows accounted for (written, lost or rejected): the length the file is trimmed to
         self.n_written = 0
         self.n_lost = 0
@@ -353,6 +368,7 @@ class OutputFile:
         self.ensure_room(chunk.nbytes + CHUNK_ALIGNMENT)
         if self.chunk_offsets is None:
             self.data.id.write_direct_chunk((i, 0, 0), chunk)
+            self._note_appended()
             return
         if chunk.nbytes != self.chunk_bytes:
             raise ValueError(f"a chunk of {chunk.nbytes} bytes for an uncompressed file of {self.chunk_bytes}")
@@ -366,12 +382,22 @@ class OutputFile:
         done = os.pwrite(self.fd, view, offset)
         while done < len(view):  # a short write (a signal, or the disk filling up): go on or get its error
             done += os.pwrite(self.fd, view[done:], offset + done)
+        self.cache.written(offset, done)
+
+    def _note_appended(self) -> None:
+        """Tell a bounded page cache what HDF5 just wrote (a chunk it placed: end_written)."""
+        if self.cache.mode == "bounded":
+            end = os.fstat(self.fd).st_size
+            if end > self.end_written:
+                self.cache.written(self.end_written, end - self.end_written)
+                self.end_written = end
 
     def write_pixels(self, i: int, pixels: np.ndarray) -> None:
         """Store row `i` from pixels, through HDF5's filter pipeline if the file is compressed (slow path)."""
         if self.compressed:
             self.ensure_room(pixels.nbytes)
             self.data[i] = pixels
+            self._note_appended()
         else:
             self.write_chunk(i, pixels)
 
@@ -437,21 +463,27 @@ class OutputFile:
         self.check_in_place()
         self._write_columns(self.n_slots)
         self.file.flush()
+        self.cache.flushed()
         self.written_since_flush = 0
 
     def close(self, state: str) -> None:
-        """Trim to the rows accounted for, write the end time and attributes, close."""
-        n = self.n_slots
-        if n < self.n_images:
-            self.data.resize(n, axis=0)
-            for dset in self.meta.values():
-                dset.resize((n,))
-        self._write_columns(n)
-        end = local_time()
-        self.end_time[()] = end
-        _set_attrs(self.file, {"state": state, "end_time": end, "n_images_written": self.n_written,
-                               "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
-        self.file.close()
+        """Trim to the rows accounted for, write the end time and attributes, close; with a bounded page
+        cache, the whole file written back (waited for: a writeback error raises) and dropped after."""
+        try:
+            n = self.n_slots
+            if n < self.n_images:
+                self.data.resize(n, axis=0)
+                for dset in self.meta.values():
+                    dset.resize((n,))
+            self._write_columns(n)
+            end = local_time()
+            self.end_time[()] = end
+            _set_attrs(self.file, {"state": state, "end_time": end, "n_images_written": self.n_written,
+                                   "n_images_lost": self.n_lost, "n_images_rejected": self.n_rejected})
+            self.file.close()
+            self.cache.finish()
+        finally:
+            self.cache.close()  # its descriptor, whatever failed: the writer serves on
         self.check_in_place()
 
 

@@ -20,7 +20,10 @@ to the last flush, with `state` "writing"; the writer keeps a record of the file
 (open_files.py), and the next writer of the detector, at its start, marks such a file "interrupted",
 trims it to the rows that flush accounted for, and sends the final status the dead writer owed. Any I/O
 error (disk full, directory removed) fails the run with the error's text, closes the file as far as
-possible and leaves the writer ready for the next start.
+possible and leaves the writer ready for the next start. With `writer.page_cache` "bounded" (the default)
+each file holds about two windows (`writer.page_cache_window_mib`) of page cache while it is written and
+none once closed (page_cache.py); a file system that cannot do that gets kernel mode for the file, which
+the final status says (`page_cache_fallback`).
 """
 from __future__ import annotations
 
@@ -45,8 +48,10 @@ from core_buffer.ipc import make_socket, store_stream_address, writer_status_add
 from core_buffer.output import OutputPathError, resolve_output_path
 from core_buffer.ringbuffer import FrameBuffer, ImageBuffer
 from core_buffer.service import Counters
+from std_h5_writer import page_cache
 from std_h5_writer.compression import Bitshuffle, CompressionUnavailable, check_chunk_header
-from std_h5_writer.h5file import PREALLOCATE_MAX_IMAGES, STATUS_LOST, STATUS_REJECTED, OutputFile, keep_unclosable
+from std_h5_writer.h5file import (PAGE_CACHE_WINDOW_MIB, PREALLOCATE_MAX_IMAGES, STATUS_LOST, STATUS_REJECTED,
+                                  OutputFile, keep_unclosable)
 from std_h5_writer.open_files import OpenFileRecords
 
 log = logging.getLogger("std_h5_writer")
@@ -77,6 +82,8 @@ class WriterSettings:
         self.status_interval_s = section.float("status_interval_s", 1.0, min=0.05, max=3600.0)
         self.flush_interval_s = section.float("flush_interval_s", 2.0, min=0.05, max=3600.0)
         self.preallocate_max_images = section.int("preallocate_max_images", PREALLOCATE_MAX_IMAGES, min=0)
+        self.page_cache = section.str("page_cache", "bounded", choices=page_cache.MODES)
+        self.page_cache_window_mib = section.int("page_cache_window_mib", PAGE_CACHE_WINDOW_MIB, min=1, max=4096)
         section.finish()
 
 
@@ -150,7 +157,7 @@ class H5Writer:
             self.counters = Counters("starts", "files_finished", "files_failed", "images_written", "images_lost",
                                      "images_rejected", "frame_fields_missing", "bad_messages", "stray_messages",
                                      "statuses_not_sent", "writing", "last_written_id", "left_open_marked",
-                                     "left_open_not_marked")
+                                     "left_open_not_marked", "page_cache_fallbacks")
             self._attach_frames()
             self.context = context or zmq.Context.instance()
             self.pull = make_socket(self.context, zmq.PULL, hwm=HWM)
@@ -267,7 +274,9 @@ class H5Writer:
             run.file = OutputFile(path, self.config, request, message.n_images, self.dtype,
                                   self.settings.compression, mode=self.config.file_mode,
                                   overwrite=self.config.overwrite_files, uid=uid,
-                                  preallocate_max_images=self.settings.preallocate_max_images)
+                                  preallocate_max_images=self.settings.preallocate_max_images,
+                                  page_cache=self.settings.page_cache,
+                                  page_cache_window_bytes=self.settings.page_cache_window_mib << 20)
         except (OutputPathError, RequestError) as exc:
             self.records.forget(run.record)
             self._report_refusal(message, run.output_file, str(exc))
@@ -639,12 +648,24 @@ class H5Writer:
         run.error = error
         self.counters.files_failed += failed
         self.counters.files_finished += not failed
-        self._send_status(run, WriterState.FAILED if failed else WriterState.FINISHED, error, file_state=state)
+        self._send_status(run, WriterState.FAILED if failed else WriterState.FINISHED, error, file_state=state,
+                          **self._page_cache_details(run))
         log.info("run %d: %s %s (%d written, %d lost, %d rejected)%s", run.run_id,
                  "failed" if failed else "finished", run.output_file, run.file.n_written if run.file else 0,
                  run.file.n_lost if run.file else 0, run.file.n_rejected if run.file else 0,
                  f": {error}" if error else "")
         run.file = None
+
+    def _page_cache_details(self, run: Run) -> dict:
+        """The final status says how the file's page cache was kept: `page_cache` the mode it was written
+        in, and `page_cache_fallback` why a file meant to be bounded was not (page_cache.py)."""
+        if run.file is None:
+            return {}
+        fallback = run.file.cache.fallback
+        if fallback is None:
+            return {"page_cache": run.file.cache.mode}
+        self.counters.page_cache_fallbacks += 1
+        return {"page_cache": "kernel", "page_cache_fallback": fallback}
 
     def _report_refusal(self, message: StoreStream, output_file: str, reason: str) -> None:
         log.warning("run %d refused: %s", message.run_id, reason)

@@ -233,10 +233,15 @@ def then_a_write_succeeds(client, sides, tag: str, config, out) -> None:
     assert_no_wrong_pixel(config, data, ids, statuses)
 
 
-@pytest.mark.parametrize("victim", ["udp_recv-0", "assembler", "writer_agent", "h5_writer"])
+# The writer killed with either page cache (docs/std_h5_writer.md, writer.page_cache): bounded with 1 MiB
+# windows, so windows are written back and dropped before the kill, or left to the kernel.
+@pytest.mark.parametrize("victim,page_cache", [("udp_recv-0", "bounded"), ("assembler", "bounded"),
+                                               ("writer_agent", "bounded"), ("h5_writer", "bounded"),
+                                               ("h5_writer", "kernel")])
 def test_kill_9_of_a_service_mid_write_ends_the_request_and_the_pipeline_resumes(
-        victim, pipeline_config, pipelines, client, tmp_path):
-    path, config = pipeline_config(writer_agent={"writer_timeout_s": 3.0}, writer=WRITER)
+        victim, page_cache, pipeline_config, pipelines, client, tmp_path):
+    path, config = pipeline_config(writer_agent={"writer_timeout_s": 3.0},
+                                   writer={**WRITER, "page_cache": page_cache, "page_cache_window_mib": 1})
     pipe = pipelines(path, config)
     pipe.simulate("--rate", "50", "--n-images", "forever")
     kill_mid_write(client, [pipe], pipe, victim, config.detector_name, config, tmp_path / "out" / "during.h5")

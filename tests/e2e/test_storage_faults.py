@@ -32,13 +32,24 @@ def mount(*args: str) -> None:
 
 @pytest.fixture
 def mounted(tmp_path):
-    """mount(kind, dir): a small tmpfs ("tmpfs") or a read-only bind ("ro") at dir, unmounted afterwards."""
+    """mount(kind, dir): a small tmpfs ("tmpfs"), a small ext4 on a loop device ("ext4": a file system that
+    writes its pages back to a disk, where std_h5_writer's page cache can be bounded; a tmpfs keeps them,
+    and the writer falls back to kernel mode) or a read-only bind ("ro") at dir, unmounted afterwards."""
     mounts = []
 
     def make(kind: str, directory) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         if kind == "tmpfs":
             mount("-t", "tmpfs", "-o", "size=6m,mode=0777", "tmpfs", str(directory))
+        elif kind == "ext4":
+            if shutil.which("mkfs.ext4") is None:
+                skip_or_fail("mkfs.ext4 is not installed")
+            image = tmp_path / f"{directory.name}.ext4"
+            with open(image, "wb") as f:
+                f.truncate(10 << 20)
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True,
+                           capture_output=True, timeout=30)
+            mount("-o", "loop", str(image), str(directory))  # the loop device goes with the umount
         else:
             mount("--bind", str(directory), str(directory))
             mounts.append(directory)
@@ -62,10 +73,11 @@ def then_a_good_write_succeeds(client, config, pipe, tmp_path):
         assert f["entry/data/data"].shape[0] == 10
 
 
-def a_write_into(directory, n_images, pipeline_config, pipelines, client, tmp_path, expect: str) -> None:
-    """A pipeline writes n_images into `directory`: the request fails with `expect` in its reason, and
-    the next write elsewhere succeeds."""
-    path, config = pipeline_config()
+def a_write_into(directory, n_images, pipeline_config, pipelines, client, tmp_path, expect: str,
+                 writer: dict | None = None) -> None:
+    """A pipeline (its writer configured with `writer`) writes n_images into `directory`: the request fails
+    with `expect` in its reason, and the next write elsewhere succeeds."""
+    path, config = pipeline_config(writer=writer or {})
     pipe = pipelines(path, config)
     pipe.simulate("--rate", "50", "--n-images", "forever")
     outcome = client.wait(write(client, config, directory / "x.h5", n_images), timeout_s=60)
@@ -74,11 +86,16 @@ def a_write_into(directory, n_images, pipeline_config, pipelines, client, tmp_pa
     then_a_good_write_succeeds(client, config, pipe, tmp_path)
 
 
+# With std_h5_writer's page cache bounded (1 MiB windows, so windows are dropped before the disk is full) or
+# left to the kernel; on a tmpfs the bounded one falls back to kernel mode for the file.
+@pytest.mark.parametrize("page_cache", ["bounded", "kernel"])
+@pytest.mark.parametrize("file_system", ["tmpfs", "ext4"])
 def test_a_full_disk_fails_the_request_with_the_error_and_the_next_write_succeeds(
-        root, pipeline_config, pipelines, client, tmp_path, mounted):
+        root, pipeline_config, pipelines, client, tmp_path, mounted, file_system, page_cache):
     small = tmp_path / "out" / "small"
-    mounted("tmpfs", small)  # 6 MiB: room for about five 1 MiB images
-    a_write_into(small, 40, pipeline_config, pipelines, client, tmp_path, expect="No space left on device")
+    mounted(file_system, small)  # 6 MiB of tmpfs, 10 MiB of ext4: room for a few 1 MiB images
+    a_write_into(small, 40, pipeline_config, pipelines, client, tmp_path, expect="No space left on device",
+                 writer={"page_cache": page_cache, "page_cache_window_mib": 1})
 
 
 def test_a_read_only_directory_fails_the_request_with_the_error(root, pipeline_config, pipelines, client,
